@@ -1,0 +1,97 @@
+"""Llama 4 text configuration: transformers' built-in config, plus the checks it does not make.
+
+Subclassing the built-in keeps every field name, default and derived list (`moe_layers`,
+`no_rope_layers`, `layer_types`) identical, so a `config.json` written by either side loads into the
+other. The subclass adds validation with errors that name the fix, and accepts the integer
+`"attn_temperature_tuning": 4` found in Meta's released Scout configs (the strict built-in refuses it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.models.llama4.configuration_llama4 import Llama4TextConfig as _BuiltinLlama4TextConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+KNOWN_ROPE_TYPES = {"default", *ROPE_INIT_FUNCTIONS}
+
+
+class Llama4TextConfig(_BuiltinLlama4TextConfig):
+    r"""Configuration of the Llama 4 text model (`model_type = "llama4_text"`).
+
+    Same fields as `transformers.Llama4TextConfig`. Extra keys are kept and written back, so a config
+    with fields added by later versions of this project still loads into the built-in.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        tuning = kwargs.get("attn_temperature_tuning")
+        if isinstance(tuning, int) and not isinstance(tuning, bool):
+            # Meta's Scout config.json ships `"attn_temperature_tuning": 4`; the reference code only tests
+            # it for truth. Accept it rather than refusing the official checkpoint, and save a bool.
+            logger.warning(
+                f"`attn_temperature_tuning={tuning}` is an integer; reading it as {bool(tuning)} "
+                "(as Meta's reference code does). Set it to true/false to silence this warning."
+            )
+            kwargs["attn_temperature_tuning"] = bool(tuning)
+        super().__init__(**kwargs)
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self._check_llama4_fields()
+
+    def _check_llama4_fields(self) -> None:
+        def fail(problem: str, fix: str) -> None:
+            raise ValueError(f"Invalid Llama4TextConfig: {problem}. {fix}")
+
+        if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads != 0:
+            fail(
+                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}",
+                "Choose a head count that divides the hidden size (Scout/Maverick: 5120 / 40).",
+            )
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads != 0:
+            fail(
+                f"num_key_value_heads={self.num_key_value_heads} does not divide "
+                f"num_attention_heads={self.num_attention_heads}",
+                "Grouped-query attention needs the query heads to split evenly over the key/value heads.",
+            )
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            fail(
+                f"num_experts_per_tok={self.num_experts_per_tok} is outside 1..num_local_experts="
+                f"{self.num_local_experts}",
+                "Route each token to at least one and at most num_local_experts experts.",
+            )
+        if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
+            fail(
+                f"attention_chunk_size={self.attention_chunk_size} must be positive",
+                "Use a positive chunk (8192 in the released models) or null for global attention everywhere.",
+            )
+        bad_moe = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+        if bad_moe:
+            fail(
+                f"moe_layers {bad_moe} are out of range for num_hidden_layers={self.num_hidden_layers}",
+                f"MoE layer indices must lie in 0..{self.num_hidden_layers - 1}.",
+            )
+        if len(self.no_rope_layers) < self.num_hidden_layers:
+            fail(
+                f"no_rope_layers has {len(self.no_rope_layers)} entries for {self.num_hidden_layers} layers",
+                "Give one 0/1 flag per layer (1 = RoPE, 0 = NoPE), or leave it unset.",
+            )
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type not in KNOWN_ROPE_TYPES:
+            fail(
+                f"unknown rope_type {rope_type!r}",
+                f"Use one of {sorted(KNOWN_ROPE_TYPES)} (Scout uses 'llama3').",
+            )
+        if self.floor_scale <= 0:
+            fail(f"floor_scale={self.floor_scale} must be positive", "The released models use 8192.")
+
+    @property
+    def num_experts(self) -> int:
+        """Alias of `num_local_experts`, the name TRL and other MoE code read."""
+        return self.num_local_experts
+
+
+__all__ = ["Llama4TextConfig"]

@@ -1,0 +1,362 @@
+"""Llama 4 text model: iRoPE attention over a sparse mixture of experts.
+
+Module and parameter names match transformers' built-in `llama4`, so checkpoints load both ways.
+What differs from the built-in:
+- the MoE computes only the routed experts (see `moe.py`);
+- attention temperature tuning reads the true token positions (`position_ids`), so it stays right
+  under left padding and packed sequences (the built-in uses the cache length);
+- the config validates itself and accepts Meta's `"attn_temperature_tuning": 4`.
+Masks (chunked local / global causal) and the KV cache (one chunk on chunked layers, everything on
+NoPE layers) are transformers' own `create_chunked_causal_mask`, `create_causal_mask` and `DynamicCache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_llama4 import Llama4TextConfig
+from .moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
+
+
+class Llama4TextRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        return (x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Llama4TextL2Norm(nn.Module):
+    """Weightless RMS norm for QK norm, in float32."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        return (x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class Llama4TextRotaryEmbedding(nn.Module):
+    """Complex RoPE frequencies: position_ids (B, S) -> freqs_cis (B, S, head_dim / 2), complex64."""
+
+    def __init__(self, config: Llama4TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: Llama4TextConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        return torch.polar(torch.ones_like(freqs), freqs) * self.attention_scaling
+
+
+def apply_rotary_emb(
+    query: torch.Tensor, key: torch.Tensor, freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate adjacent pairs (GPT-J style, not rotate_half). query/key (B, S, heads, D); freqs_cis (B, S, D/2)."""
+    query_c = torch.view_as_complex(query.float().reshape(*query.shape[:-1], -1, 2))
+    key_c = torch.view_as_complex(key.float().reshape(*key.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis[:, :, None, :]
+    query_out = torch.view_as_real(query_c * freqs_cis).flatten(3)
+    key_out = torch.view_as_real(key_c * freqs_cis).flatten(3)
+    return query_out.type_as(query), key_out.type_as(key)
+
+
+def attention_temperature(position_ids: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
+    """Inference-time temperature of NoPE layers: (B, S) positions -> (B, S) query scales."""
+    return torch.log1p(torch.floor((position_ids.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, kv_heads, S, D) -> (B, kv_heads * n_rep, S, D)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq_len, head_dim = hidden_states.shape
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq_len, head_dim)
+    return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query (B, heads, S, D), key/value (B, kv_heads, L, D) -> ((B, S, heads, D), (B, heads, S, L)).
+
+    Like the built-in, the softmax runs in the input dtype (Llama 4 does not upcast it)."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.dropout(weights.softmax(dim=-1), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class Llama4TextAttention(nn.Module):
+    def __init__(self, config: Llama4TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.use_rope = bool(config.no_rope_layers[layer_idx])  # 0 marks a NoPE layer
+        self.attn_temperature_tuning = config.attn_temperature_tuning and not self.use_rope
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, config.attention_bias)
+        if config.use_qk_norm and self.use_rope:
+            self.qk_norm = Llama4TextL2Norm(config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]  # (B, S)
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)  # (B, S, heads, D)
+        key = self.k_proj(hidden_states).view(hidden_shape)  # (B, S, kv_heads, D)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, kv_heads, S, D)
+
+        if self.use_rope:
+            query, key = apply_rotary_emb(query, key, position_embeddings.to(query.device))
+            if hasattr(self, "qk_norm"):  # after RoPE, RoPE layers only (Scout; Maverick has none)
+                query, key = self.qk_norm(query), self.qk_norm(key)
+        elif self.attn_temperature_tuning:
+            scales = attention_temperature(position_ids, self.config.floor_scale, self.config.attn_scale)
+            query = (query * scales[..., None, None]).to(query.dtype)
+
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, heads, S, D), (B, kv_heads, S, D)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
+
+
+class Llama4TextDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: Llama4TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = Llama4TextAttention(config, layer_idx)
+        self.is_moe_layer = layer_idx in config.moe_layers
+        if self.is_moe_layer:
+            self.feed_forward = Llama4TextMoe(config)
+        else:
+            self.feed_forward = Llama4TextMLP(config, intermediate_size=config.intermediate_size_mlp)
+        self.input_layernorm = Llama4TextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Llama4TextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        position_embeddings: torch.Tensor,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_out, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_out
+        ff_out = self.feed_forward(self.post_attention_layernorm(hidden_states))
+        if self.is_moe_layer:
+            ff_out, _ = ff_out
+        return hidden_states + ff_out.view(hidden_states.shape)
+
+
+class Llama4PreTrainedModel(PreTrainedModel):
+    config: Llama4TextConfig
+    config_class = Llama4TextConfig
+    base_model_prefix = "model"
+    input_modalities = ("text",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Llama4TextDecoderLayer"]
+    _supports_flash_attn = False
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # data-dependent expert group sizes
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Llama4TextExperts):
+            std = getattr(self.config, "initializer_range", None) or self.config.get_text_config().initializer_range
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+
+
+class Llama4TextModel(Llama4PreTrainedModel):
+    _can_record_outputs = {
+        "attentions": Llama4TextAttention,
+        "hidden_states": Llama4TextDecoderLayer,
+        "router_logits": OutputRecorder(Llama4TextMoe, index=1),
+    }
+
+    def __init__(self, config: Llama4TextConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Llama4TextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Llama4TextRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # chunked layers keep one chunk, NoPE layers all
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)  # (1, S)
+
+        if not isinstance(masks := attention_mask, dict):  # generate() may pass them prepared
+            mask_args = (self.config, inputs_embeds, attention_mask, cache, position_ids)
+            masks = {
+                layer_type: create_chunked_causal_mask(*mask_args)
+                if layer_type == "chunked_attention"
+                else create_causal_mask(*mask_args)
+                for layer_type in set(self.config.layer_types)
+            }
+
+        hidden_states = inputs_embeds
+        freqs_cis = self.rotary_emb(hidden_states, position_ids)  # (B or 1, S, D/2)
+        for layer, layer_type in zip(self.layers, self.config.layer_types):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[layer_type],
+                position_ids=position_ids,
+                position_embeddings=freqs_cis,
+                cache=cache,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+
+
+class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Llama4TextConfig) -> None:
+        super().__init__(config)
+        self.model = Llama4TextModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # (B, kept, V)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+__all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]

@@ -1,0 +1,128 @@
+"""Llama 4 mixture of experts, computed sparsely.
+
+transformers' built-in block multiplies every token by every expert (`hidden_states.repeat(E, 1)`),
+so Scout pays 16x and Maverick 128x the expert FLOPs it needs. Here each token goes only to its top-k
+experts: assignments are sorted by expert and two grouped GEMMs run the experts over their own rows.
+Numerics are the built-in's: sigmoid of the raw top-k router logits scales the expert INPUT, the
+shared expert is added unweighted, and the fused weights keep their layout
+(`gate_up_proj` (E, H, 2I) used as `x @ W`, `down_proj` (E, I, H)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# (device type, dtype) pairs on which the grouped GEMM kernel raised once; those use the expert loop.
+_GROUPED_MM_UNSUPPORTED: set[tuple[str, torch.dtype]] = set()
+
+
+def _is_16_byte_aligned(tensor: torch.Tensor) -> bool:
+    # The grouped GEMM kernels need 16-byte aligned base pointers and strides (memory-mapped
+    # safetensors weights or odd tiny widths may not be).
+    size = tensor.element_size()
+    strides_ok = all(s * size % 16 == 0 for s, d in zip(tensor.stride(), tensor.shape) if s != 1 and d != 1)
+    return tensor.data_ptr() % 16 == 0 and strides_ok
+
+
+def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Multiply expert-sorted rows by their expert's weight.
+
+    rows: (N, in), sorted so expert e owns the next `tokens_per_expert[e]` rows; weight: (E, in, out).
+    Returns (N, out). Uses torch's grouped GEMM when the device, dtype and alignment allow it; otherwise
+    a loop over the experts that received tokens (never over empty ones).
+    """
+    rows = rows.to(weight.dtype)
+    key = (rows.device.type, rows.dtype)
+    if (
+        _GROUPED_MM is not None
+        and key not in _GROUPED_MM_UNSUPPORTED
+        and _is_16_byte_aligned(rows)
+        and _is_16_byte_aligned(weight)
+    ):
+        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+        try:
+            return _GROUPED_MM(rows, weight, offs=offsets)
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_UNSUPPORTED.add(key)
+    outputs = []
+    for expert, expert_rows in enumerate(rows.split(tokens_per_expert.tolist())):
+        if expert_rows.shape[0]:
+            outputs.append(expert_rows @ weight[expert])
+    return torch.cat(outputs) if outputs else rows.new_zeros(0, weight.shape[-1])
+
+
+class Llama4TextExperts(nn.Module):
+    """The routed experts, fused as in the checkpoints: `gate_up_proj` (E, H, 2I), `down_proj` (E, I, H)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.intermediate_size = config.intermediate_size
+        self.hidden_size = config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(self.num_experts, self.hidden_size, 2 * self.intermediate_size))
+        self.down_proj = nn.Parameter(torch.zeros(self.num_experts, self.intermediate_size, self.hidden_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, expert_indices: torch.Tensor, expert_scores: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states (T, H); expert_indices, expert_scores (T, k) -> (T, H), the sum over each token's k experts."""
+        num_tokens, top_k = expert_indices.shape
+        flat_experts = expert_indices.reshape(-1)  # (T*k,)
+        order = torch.argsort(flat_experts, stable=True)  # (T*k,) assignments grouped by expert
+        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)  # (E,)
+
+        # Score on the input, as the checkpoint was trained (moving it to the output changes the result).
+        routed_in = hidden_states[order // top_k] * expert_scores.reshape(-1, 1)[order]  # (T*k, H)
+        gate, up = grouped_matmul(routed_in, self.gate_up_proj, tokens_per_expert).chunk(2, dim=-1)  # (T*k, I) x2
+        routed_out = grouped_matmul(up * self.act_fn(gate), self.down_proj, tokens_per_expert)  # (T*k, H)
+
+        # Back to (token, k) order and sum over k: deterministic, unlike index_add_ on CUDA.
+        unsorted = torch.empty_like(routed_out).index_copy_(0, order, routed_out)
+        return unsorted.view(num_tokens, top_k, -1).sum(dim=1)  # (T, H)
+
+
+class Llama4TextMLP(nn.Module):
+    """SwiGLU feed-forward: the shared expert, and the dense layers' MLP (`intermediate_size_mlp`)."""
+
+    def __init__(self, config, intermediate_size: int | None = None) -> None:
+        super().__init__()
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.activation_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Llama4Router(nn.Linear):
+    """Router projection, (T, H) -> (T, E) logits. Top-k selection happens in the MoE block."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config.hidden_size, config.num_local_experts, bias=False)
+
+
+class Llama4TextMoe(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.hidden_dim = config.hidden_size
+        self.num_experts = config.num_local_experts
+        self.experts = Llama4TextExperts(config)
+        self.router = Llama4Router(config)
+        self.shared_expert = Llama4TextMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., H) -> ((T, H) output, (T, E) router logits) with T the number of tokens."""
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
+        router_logits = self.router(hidden_states)  # (T, E)
+        top_logits, expert_indices = torch.topk(router_logits, self.top_k, dim=-1)  # (T, k)
+        expert_scores = torch.sigmoid(top_logits.float()).to(hidden_states.dtype)  # (T, k), not normalised
+        routed = self.experts(hidden_states, expert_indices, expert_scores)
+        return self.shared_expert(hidden_states) + routed, router_logits
