@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers.models.llama4.configuration_llama4 import Llama4TextConfig as _BuiltinLlama4TextConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama4.configuration_llama4 import Llama4TextConfig as _BuiltinLlama4TextConfig
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)

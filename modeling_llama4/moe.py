@@ -83,7 +83,7 @@ class Llama4TextExperts(nn.Module):
 
         # Back to (token, k) order and sum over k: deterministic, unlike index_add_ on CUDA.
         unsorted = torch.empty_like(routed_out).index_copy_(0, order, routed_out)
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1)  # (T, H)
+        return unsorted.view(num_tokens, top_k, self.hidden_size).sum(dim=1)  # (T, H)
 
 
 class Llama4TextMLP(nn.Module):

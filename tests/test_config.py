@@ -3,9 +3,10 @@ import logging
 
 import pytest
 import transformers
-from conftest import tiny_text_kwargs
 
 from modeling_llama4 import Llama4TextConfig
+
+from conftest import tiny_text_kwargs
 
 
 @pytest.mark.parametrize(

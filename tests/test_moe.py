@@ -1,0 +1,129 @@
+"""Sparse expert dispatch against a dense reference, and the MoE block against the built-in."""
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modeling_llama4 import Llama4TextConfig, Llama4TextExperts, Llama4TextMoe, moe
+
+from conftest import tiny_text_kwargs
+
+
+def dense_reference(experts: Llama4TextExperts, x, expert_indices, expert_scores):
+    """Every expert on every token, weighted by a (T, E) score matrix that is zero off the routing."""
+    num_experts = experts.gate_up_proj.shape[0]
+    scores = torch.zeros(x.shape[0], num_experts, dtype=x.dtype).scatter_add(1, expert_indices, expert_scores)
+    out = torch.zeros_like(x)
+    for e in range(num_experts):
+        routed_in = x * scores[:, e : e + 1]
+        gate, up = (routed_in @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+        expert_out = (up * experts.act_fn(gate)) @ experts.down_proj[e]
+        out = out + expert_out * (scores[:, e : e + 1] != 0)  # an unrouted expert contributes nothing
+    return out
+
+
+@st.composite
+def routings(draw):
+    num_experts = draw(st.integers(1, 9))
+    top_k = draw(st.integers(1, num_experts))
+    num_tokens = draw(st.integers(0, 40))
+    # Restrict routing to a random subset so some experts often receive no tokens.
+    allowed = draw(st.lists(st.integers(0, num_experts - 1), min_size=top_k, max_size=num_experts, unique=True))
+    rows = [
+        draw(st.lists(st.sampled_from(allowed), min_size=top_k, max_size=top_k, unique=True))
+        for _ in range(num_tokens)
+    ]
+    hidden = draw(st.sampled_from([8, 12, 16]))  # 12: strides the grouped GEMM refuses -> loop path
+    intermediate = draw(st.sampled_from([4, 8]))
+    seed = draw(st.integers(0, 2**16))
+    return num_experts, top_k, rows, hidden, intermediate, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(routings())
+def test_sparse_experts_match_dense_reference(routing):
+    num_experts, top_k, rows, hidden, intermediate, seed = routing
+    torch.manual_seed(seed)
+    config = Llama4TextConfig(
+        **tiny_text_kwargs(
+            num_local_experts=num_experts,
+            num_experts_per_tok=top_k,
+            hidden_size=hidden,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=intermediate,
+        )
+    )
+    experts = Llama4TextExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_()
+        experts.down_proj.normal_()
+    x = torch.randn(len(rows), hidden, requires_grad=True)
+    indices = torch.tensor(rows, dtype=torch.long).reshape(len(rows), top_k)
+    scores = torch.rand(len(rows), top_k, requires_grad=True)
+
+    sparse = experts(x, indices, scores)
+    dense = dense_reference(experts, x, indices, scores)
+    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+
+    upstream = torch.randn_like(sparse)
+    params = [x, scores, experts.gate_up_proj, experts.down_proj]
+    sparse_grads = torch.autograd.grad((sparse * upstream).sum(), params, allow_unused=True)
+    dense_grads = torch.autograd.grad((dense * upstream).sum(), params, allow_unused=True)
+    for got, want in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_loop_fallback_equals_grouped_gemm(monkeypatch):
+    rows = torch.randn(20, 16)
+    weight = torch.randn(5, 16, 8)
+    tokens_per_expert = torch.tensor([4, 0, 9, 7, 0])
+    grouped = moe.grouped_matmul(rows, weight, tokens_per_expert)
+    monkeypatch.setattr(moe, "_GROUPED_MM", None)
+    looped = moe.grouped_matmul(rows, weight, tokens_per_expert)
+    torch.testing.assert_close(grouped, looped)
+    expected = torch.cat([rows[:4] @ weight[0], rows[4:13] @ weight[2], rows[13:] @ weight[3]])
+    torch.testing.assert_close(looped, expected)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_block_matches_builtin_forward_and_backward(top_k):
+    kwargs = tiny_text_kwargs(num_local_experts=8, num_experts_per_tok=top_k)
+    ours = Llama4TextMoe(Llama4TextConfig(**kwargs))
+    builtin = transformers.models.llama4.modeling_llama4.Llama4TextMoe(transformers.Llama4TextConfig(**kwargs))
+    with torch.no_grad():
+        for p in builtin.parameters():
+            p.normal_(std=0.2)
+    ours.load_state_dict(builtin.state_dict())
+    x = torch.randn(3, 10, 64)
+    x_ours, x_builtin = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, logits = ours(x_ours)
+    ref_out, ref_logits = builtin(x_builtin)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, ref_logits)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (ref_out * upstream).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_builtin.grad, atol=1e-5, rtol=1e-5)
+    builtin_params = dict(builtin.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, builtin_params[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_score_multiplies_the_expert_input_not_its_output():
+    config = Llama4TextConfig(**tiny_text_kwargs(num_local_experts=2))
+    experts = Llama4TextExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_()
+        experts.down_proj.normal_()
+    x = torch.randn(4, 64)
+    indices = torch.zeros(4, 1, dtype=torch.long)
+    scores = torch.full((4, 1), 0.25)
+    gate, up = (x * 0.25 @ experts.gate_up_proj[0]).chunk(2, dim=-1)
+    on_input = (up * experts.act_fn(gate)) @ experts.down_proj[0]
+    torch.testing.assert_close(experts(x, indices, scores), on_input)
+    gate, up = (x @ experts.gate_up_proj[0]).chunk(2, dim=-1)
+    on_output = 0.25 * (up * experts.act_fn(gate)) @ experts.down_proj[0]
+    assert (on_input - on_output).abs().max() > 1e-3
