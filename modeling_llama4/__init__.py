@@ -1,10 +1,21 @@
 """Llama 4 for the Hugging Face ecosystem, with a sparse mixture of experts."""
 
-from .configuration_llama4 import Llama4TextConfig
-from .modeling_llama4 import Llama4ForCausalLM, Llama4PreTrainedModel, Llama4TextModel
+from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
+from .modeling_llama4 import (
+    Llama4ForCausalLM,
+    Llama4ForConditionalGeneration,
+    Llama4PreTrainedModel,
+    Llama4TextModel,
+    Llama4VisionModel,
+)
 from .moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe, grouped_matmul
+from .parameters import ParameterCounts, count_parameters
 
 __all__ = [
+    "Llama4Config",
+    "Llama4VisionConfig",
+    "Llama4VisionModel",
+    "Llama4ForConditionalGeneration",
     "Llama4TextConfig",
     "Llama4TextModel",
     "Llama4ForCausalLM",
@@ -13,4 +24,6 @@ __all__ = [
     "Llama4TextExperts",
     "Llama4TextMLP",
     "grouped_matmul",
+    "count_parameters",
+    "ParameterCounts",
 ]

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama4.configuration_llama4 import Llama4Config as _BuiltinLlama4Config
 from transformers.models.llama4.configuration_llama4 import Llama4TextConfig as _BuiltinLlama4TextConfig
+from transformers.models.llama4.configuration_llama4 import Llama4VisionConfig as _BuiltinLlama4VisionConfig
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -42,7 +44,7 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
         super().__post_init__(**kwargs)
         self._check_llama4_fields()
 
-    def _check_llama4_fields(self) -> None:
+    def _check_llama4_fields(self) -> None:  # cheap and default-safe, so it runs on construction
         def fail(problem: str, fix: str) -> None:
             raise ValueError(f"Invalid Llama4TextConfig: {problem}. {fix}")
 
@@ -94,4 +96,54 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
         return self.num_local_experts
 
 
-__all__ = ["Llama4TextConfig"]
+class Llama4VisionConfig(_BuiltinLlama4VisionConfig):
+    r"""Configuration of the Llama 4 vision encoder (`model_type = "llama4_vision_model"`), the built-in's fields.
+
+    Adds the shape checks the built-in leaves to a matmul error deep in the forward pass. They run when a
+    model is built (`check_shapes`), not on construction: transformers instantiates the default config
+    (whose built-in defaults do not chain) to diff sub-configs when saving."""
+
+    def check_shapes(self) -> None:
+        def fail(problem: str, fix: str) -> None:
+            raise ValueError(f"Invalid Llama4VisionConfig: {problem}. {fix}")
+
+        if self.hidden_size % self.num_attention_heads != 0:
+            fail(
+                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}",
+                "Choose a head count that divides the width (1408 / 16 in the released models).",
+            )
+        if self.image_size % self.patch_size != 0:
+            fail(
+                f"patch_size={self.patch_size} does not divide image_size={self.image_size}",
+                "The released models use 336-pixel tiles and 14-pixel patches.",
+            )
+        side = self.image_size // self.patch_size
+        if (side * self.pixel_shuffle_ratio) % 1 != 0:
+            fail(
+                f"pixel_shuffle_ratio={self.pixel_shuffle_ratio} does not evenly shrink the {side}x{side} patch grid",
+                "Use a grid side divisible by 1/ratio (24 patches a side with ratio 0.5 in the released models).",
+            )
+        shuffled = self.hidden_size / self.pixel_shuffle_ratio**2
+        if shuffled != self.intermediate_size:
+            fail(
+                f"pixel shuffle makes {shuffled:g} channels but the adapter's fc1 expects intermediate_size="
+                f"{self.intermediate_size}",
+                "Set intermediate_size = hidden_size / pixel_shuffle_ratio**2 (1408 * 4 = 5632 in the released models).",
+            )
+        if not self.projector_input_dim == self.projector_output_dim == self.vision_output_dim:
+            fail(
+                f"projector_input_dim={self.projector_input_dim}, projector_output_dim={self.projector_output_dim} "
+                f"and vision_output_dim={self.vision_output_dim} differ",
+                "The adapter chains them, so they must be equal (4096 in the released models).",
+            )
+
+
+class Llama4Config(_BuiltinLlama4Config):
+    r"""Configuration of the multimodal Llama 4 (`model_type = "llama4"`): a text and a vision sub-config.
+
+    Same fields as `transformers.Llama4Config`; its sub-configs are this package's validated classes."""
+
+    sub_configs_defaults = {"text_config": Llama4TextConfig, "vision_config": Llama4VisionConfig}
+
+
+__all__ = ["Llama4Config", "Llama4TextConfig", "Llama4VisionConfig"]

@@ -27,8 +27,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_llama4 import Llama4TextConfig
+from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
+from .vision import (
+    Llama4MultiModalProjector,
+    Llama4UnfoldConvolution,
+    Llama4VisionEncoder,
+    Llama4VisionPixelShuffleMLP,
+    Llama4VisionRotaryEmbedding,
+)
 
 
 class Llama4TextRMSNorm(nn.Module):
@@ -246,6 +253,11 @@ class Llama4PreTrainedModel(PreTrainedModel):
             std = getattr(self.config, "initializer_range", None) or self.config.get_text_config().initializer_range
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Llama4VisionRotaryEmbedding):
+            init.copy_(module.freqs_ci, module._compute_freqs_ci(module.config))
+        elif isinstance(module, Llama4VisionModel):
+            init.normal_(module.class_embedding, std=module.scale)
+            init.normal_(module.positional_embedding_vlm, std=module.scale)
 
 
 class Llama4TextModel(Llama4PreTrainedModel):
@@ -359,4 +371,158 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["Llama4PreTrainedModel", "Llama4TextModel", "Llama4ForCausalLM"]
+class Llama4VisionModel(Llama4PreTrainedModel):
+    """Tiles (N, 3, S, S) -> image features (N, (S/patch * pixel_shuffle_ratio)^2, vision_output_dim)."""
+
+    config: Llama4VisionConfig
+    config_class = Llama4VisionConfig
+    base_model_prefix = "vision_model"
+    input_modalities = ("image",)
+    _no_split_modules = ["Llama4VisionEncoderLayer"]
+
+    def __init__(self, config: Llama4VisionConfig) -> None:
+        if isinstance(config, Llama4VisionConfig):
+            config.check_shapes()
+        super().__init__(config)
+        self.image_size = config.image_size
+        self.scale = config.hidden_size**-0.5
+        num_positions = (config.image_size // config.patch_size) ** 2 + 1  # patches + class token
+        self.patch_embedding = Llama4UnfoldConvolution(config)
+        self.class_embedding = nn.Parameter(self.scale * torch.randn(config.hidden_size))
+        self.positional_embedding_vlm = nn.Parameter(self.scale * torch.randn(num_positions, config.hidden_size))
+        self.rotary_embedding = Llama4VisionRotaryEmbedding(config)
+        self.layernorm_pre = nn.LayerNorm(config.hidden_size)
+        self.layernorm_post = nn.LayerNorm(config.hidden_size)
+        self.model = Llama4VisionEncoder(config)
+        self.vision_adapter = Llama4VisionPixelShuffleMLP(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embedding
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} pixels but this vision config expects "
+                f"{self.image_size}x{self.image_size} (vision_config.image_size={self.image_size}). Preprocess images "
+                f"with Llama4ImageProcessor(size={{'height': {self.image_size}, 'width': {self.image_size}}})."
+            )
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.linear.weight.dtype))  # (N, P, D)
+        class_token = self.class_embedding.expand(patches.shape[0], 1, -1)
+        hidden_states = torch.cat([patches, class_token], dim=1) + self.positional_embedding_vlm  # (N, P+1, D)
+        hidden_states = self.model(self.layernorm_pre(hidden_states), self.rotary_embedding(hidden_states))
+        hidden_states = self.layernorm_post(hidden_states)[:, :-1]  # drop the class token: (N, P, D)
+        return self.vision_adapter(hidden_states)  # (N, P * ratio^2, vision_output_dim)
+
+
+class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
+    """Early fusion: image features replace the `<|patch|>` token embeddings, then the sparse-MoE text model."""
+
+    config: Llama4Config
+    config_class = Llama4Config
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["Llama4TextDecoderLayer", "Llama4VisionEncoderLayer"]
+
+    def __init__(self, config: Llama4Config) -> None:
+        super().__init__(config)
+        self.vision_model = Llama4VisionModel(config.vision_config)
+        self.multi_modal_projector = Llama4MultiModalProjector(config)
+        self.language_model = Llama4ForCausalLM(config.text_config)
+        self.vocab_size = config.text_config.vocab_size
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.language_model.set_decoder(decoder)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N tiles, 3, S, S) -> (N * tokens_per_tile, text hidden): what replaces the `<|patch|>` embeddings."""
+        image_features = self.vision_model(pixel_values)
+        return self.multi_modal_projector(image_features.reshape(-1, image_features.shape[-1]))
+
+    def _fuse_images(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        image_token_id = self.config.image_token_id
+        if input_ids is not None:
+            is_image_token = input_ids == image_token_id  # (B, S)
+        else:
+            image_embedding = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+            is_image_token = (inputs_embeds == image_embedding).all(-1)
+        num_image_tokens = int(is_image_token.sum())
+        vision = self.config.vision_config
+        tokens_per_tile = int((vision.image_size // vision.patch_size) ** 2 * vision.pixel_shuffle_ratio**2)
+        if num_image_tokens == 0:
+            raise ValueError(
+                f"Got pixel_values for {pixel_values.shape[0]} tiles ({pixel_values.shape[0] * tokens_per_tile} "
+                f"image features) but the prompt has 0 image tokens (<|patch|>, id {image_token_id}). Build prompts "
+                "with Llama4Processor or apply_chat_template with an image entry, which insert the tokens."
+            )
+        image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
+        if num_image_tokens != image_features.shape[0]:
+            raise ValueError(
+                f"The prompt has {num_image_tokens} image tokens (<|patch|>, id {image_token_id}) but the images give "
+                f"{image_features.shape[0]} features ({pixel_values.shape[0]} tiles x {tokens_per_tile}). Pass the "
+                "pixel_values and input_ids from the same Llama4Processor call."
+            )
+        return inputs_embeds.masked_scatter(is_image_token.unsqueeze(-1), image_features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, S, H)
+        if pixel_values is not None:
+            inputs_embeds = self._fuse_images(input_ids, inputs_embeds, pixel_values)
+        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            if (num_image_tokens := int((input_ids == self.config.image_token_id).sum())) > 0:
+                raise ValueError(
+                    f"The prompt has {num_image_tokens} image tokens (<|patch|>, id {self.config.image_token_id}) "
+                    "but no pixel_values were given. Pass the pixel_values from the same Llama4Processor call."
+                )
+        return self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+
+__all__ = [
+    "Llama4PreTrainedModel",
+    "Llama4TextModel",
+    "Llama4ForCausalLM",
+    "Llama4VisionModel",
+    "Llama4ForConditionalGeneration",
+]

@@ -61,6 +61,7 @@ class Llama4TextExperts(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         self.num_experts = config.num_local_experts
+        self.top_k = config.num_experts_per_tok
         self.intermediate_size = config.intermediate_size
         self.hidden_size = config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.zeros(self.num_experts, self.hidden_size, 2 * self.intermediate_size))
