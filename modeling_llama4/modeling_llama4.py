@@ -114,6 +114,15 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return expanded.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
 
 
+def split_into_chunks(states: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(B, heads, S, D) -> (B * ceil(S / C), heads, C, D), zero-padding the last chunk at its end."""
+    batch, heads, seq_len, head_dim = states.shape
+    num_chunks = -(-seq_len // chunk_size)
+    states = nn.functional.pad(states, (0, 0, 0, num_chunks * chunk_size - seq_len))
+    states = states.view(batch, heads, num_chunks, chunk_size, head_dim).transpose(1, 2)
+    return states.reshape(batch * num_chunks, heads, chunk_size, head_dim)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -146,6 +155,7 @@ class Llama4TextAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
         self.use_rope = bool(config.no_rope_layers[layer_idx])  # 0 marks a NoPE layer
+        self.is_chunked = config.layer_types[layer_idx] == "chunked_attention"
         self.attn_temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, config.attention_bias)
@@ -161,6 +171,7 @@ class Llama4TextAttention(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        attend_by_chunks: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]  # (B, S)
@@ -181,6 +192,13 @@ class Llama4TextAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
+        chunked_batch = attend_by_chunks and self.is_chunked
+        if chunked_batch:
+            # Each chunk attends only within itself, so run chunks as separate batch rows: attention
+            # costs S*C instead of S*S and no S x S mask is built (the built-in masks a full S x S).
+            chunk = self.config.attention_chunk_size
+            query, key, value = (split_into_chunks(states, chunk) for states in (query, key, value))
+
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -193,7 +211,9 @@ class Llama4TextAttention(nn.Module):
             dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             **kwargs,
-        )
+        )  # (B or B * chunks, S or C, heads, D)
+        if chunked_batch:
+            attn_output = attn_output.reshape(input_shape[0], -1, *attn_output.shape[2:])[:, : input_shape[1]]
         return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
 
 
@@ -217,6 +237,7 @@ class Llama4TextDecoderLayer(GradientCheckpointingLayer):
         position_ids: torch.Tensor,
         position_embeddings: torch.Tensor,
         cache: Cache | None = None,
+        attend_by_chunks: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         attn_out, _ = self.self_attn(
@@ -225,6 +246,7 @@ class Llama4TextDecoderLayer(GradientCheckpointingLayer):
             position_ids=position_ids,
             attention_mask=attention_mask,
             cache=cache,
+            attend_by_chunks=attend_by_chunks,
             **kwargs,
         )
         hidden_states = hidden_states + attn_out
@@ -278,6 +300,26 @@ class Llama4TextModel(Llama4PreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def _can_attend_by_chunks(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | dict | None,
+        position_ids: torch.Tensor,
+        cache: Cache | None,
+    ) -> bool:
+        """Whether chunked layers can run each chunk as its own batch row: a fresh, unpadded, unpacked
+        sequence longer than one chunk (training, or a generation prefill without padding)."""
+        chunk = self.config.attention_chunk_size
+        return (
+            chunk is not None
+            and inputs_embeds.shape[1] > chunk
+            and self.config._attn_implementation in ("sdpa", "eager")
+            and not isinstance(attention_mask, dict)
+            and (cache is None or cache.get_seq_length() == 0)
+            and (attention_mask is None or bool(attention_mask.all()))
+            and bool((position_ids.diff(dim=-1) == 1).all())  # no packed sequences
+        )
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -301,14 +343,18 @@ class Llama4TextModel(Llama4PreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # (1, S)
 
+        attend_by_chunks = self._can_attend_by_chunks(inputs_embeds, attention_mask, position_ids, cache)
         if not isinstance(masks := attention_mask, dict):  # generate() may pass them prepared
             mask_args = (self.config, inputs_embeds, attention_mask, cache, position_ids)
             masks = {
                 layer_type: create_chunked_causal_mask(*mask_args)
                 if layer_type == "chunked_attention"
                 else create_causal_mask(*mask_args)
-                for layer_type in set(self.config.layer_types)
+                for layer_type in set(self.config.layer_types) - ({"chunked_attention"} if attend_by_chunks else set())
             }
+            if attend_by_chunks:  # a plain causal mask over one chunk (None for SDPA, which uses is_causal)
+                chunk = inputs_embeds[:1, : self.config.attention_chunk_size]
+                masks["chunked_attention"] = create_causal_mask(self.config, chunk, None, None, None)
 
         hidden_states = inputs_embeds
         freqs_cis = self.rotary_emb(hidden_states, position_ids)  # (B or 1, S, D/2)
@@ -319,6 +365,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
                 position_ids=position_ids,
                 position_embeddings=freqs_cis,
                 cache=cache,
+                attend_by_chunks=attend_by_chunks,
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)

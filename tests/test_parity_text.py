@@ -96,3 +96,17 @@ def test_gradients_match_builtin(tmp_path):
     ours_grads = dict(ours.named_parameters())
     for name, param in builtin.named_parameters():
         torch.testing.assert_close(ours_grads[name].grad, param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_parity_inputs_take_the_chunk_batched_path_and_padded_ones_the_masked_path(tmp_path):
+    # The long unpadded parity inputs run chunks as batch rows; padded batches use transformers' masks.
+    # Both are compared with the built-in above, so this guards that each path is really exercised.
+    _, ours = _builtin_and_ours(tmp_path)
+    embeds = torch.zeros(2, 45, 64)
+    positions = torch.arange(45).unsqueeze(0)
+    assert ours.model._can_attend_by_chunks(embeds, None, positions, None)
+    padded = torch.ones(2, 45, dtype=torch.long)
+    padded[1, :5] = 0
+    assert not ours.model._can_attend_by_chunks(embeds, padded, positions, None)
+    packed = torch.cat([torch.arange(20), torch.arange(25)]).unsqueeze(0)
+    assert not ours.model._can_attend_by_chunks(embeds, None, packed, None)
