@@ -1,6 +1,7 @@
 """Llama 4 for the Hugging Face ecosystem, with a sparse mixture of experts."""
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
+from .hub import model_card, push_to_hub, register_auto_classes
 from .modeling_llama4 import (
     Llama4ForCausalLM,
     Llama4ForConditionalGeneration,
@@ -25,5 +26,11 @@ __all__ = [
     "Llama4TextMLP",
     "grouped_matmul",
     "count_parameters",
+    "model_card",
+    "push_to_hub",
+    "register_auto_classes",
     "ParameterCounts",
 ]
+
+# save_pretrained / push_to_hub write `auto_map` and ship the modeling files (trust_remote_code pulls).
+register_auto_classes()

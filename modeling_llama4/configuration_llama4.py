@@ -21,6 +21,18 @@ logger = logging.get_logger(__name__)
 KNOWN_ROPE_TYPES = {"default", *ROPE_INIT_FUNCTIONS}
 
 
+def _refuse_other_architectures(cls: type, config_dict: dict[str, Any]) -> None:
+    # transformers only warns when a config of another model type is loaded, then builds a model with
+    # the wrong shapes or silently drops fields; a Llama 4 class should stop and say what it was given.
+    model_type = config_dict.get("model_type")
+    if model_type is not None and model_type != cls.model_type:
+        raise ValueError(
+            f"This config is for model_type={model_type!r} (architectures={config_dict.get('architectures')}), "
+            f"not {cls.model_type!r}: {cls.__name__} cannot load it. Load it with the AutoModel class for its "
+            "architecture, or point to a Llama 4 checkpoint."
+        )
+
+
 class Llama4TextConfig(_BuiltinLlama4TextConfig):
     r"""Configuration of the Llama 4 text model (`model_type = "llama4_text"`).
 
@@ -39,6 +51,11 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
             )
             kwargs["attn_temperature_tuning"] = bool(tuning)
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Llama4TextConfig:
+        _refuse_other_architectures(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -144,6 +161,11 @@ class Llama4Config(_BuiltinLlama4Config):
     Same fields as `transformers.Llama4Config`; its sub-configs are this package's validated classes."""
 
     sub_configs_defaults = {"text_config": Llama4TextConfig, "vision_config": Llama4VisionConfig}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Llama4Config:
+        _refuse_other_architectures(cls, config_dict)
+        return super().from_dict(config_dict, **kwargs)
 
 
 __all__ = ["Llama4Config", "Llama4TextConfig", "Llama4VisionConfig"]

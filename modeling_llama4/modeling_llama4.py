@@ -13,8 +13,11 @@ NoPE layers) are transformers' own `create_chunked_causal_mask`, `create_causal_
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -256,6 +259,25 @@ class Llama4TextDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + ff_out.view(hidden_states.shape)
 
 
+def _unreadable_safetensors(name_or_path: str | Path, kwargs: dict) -> list[str]:
+    """Names of the local or cached safetensors files of a checkpoint whose header cannot be read."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        try:
+            cache_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir") if kwargs.get(k) is not None}
+            folder = Path(snapshot_download(str(name_or_path), local_files_only=True, **cache_kwargs))
+        except Exception:  # nothing cached to inspect: the caller's message stands alone
+            return []
+    broken = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception:
+            broken.append(path.name)
+    return broken
+
+
 class Llama4PreTrainedModel(PreTrainedModel):
     config: Llama4TextConfig
     config_class = Llama4TextConfig
@@ -268,6 +290,26 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # data-dependent expert group sizes
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, with errors that say which file is broken and what to do."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            broken = _unreadable_safetensors(pretrained_model_name_or_path, kwargs)
+            raise OSError(
+                f"Cannot read the weights of {pretrained_model_name_or_path}: {', '.join(broken) or 'a file'} is "
+                f"corrupt or truncated ({error}). Retry with force_download=True to fetch it again; if that fails "
+                "too, the file in the repo itself is damaged and must be re-uploaded."
+            ) from error
+        except OSError as error:
+            if ".safetensors" in str(error) and "model.safetensors.index.json" not in str(error):
+                raise OSError(
+                    f"{pretrained_model_name_or_path} is missing a weight shard listed in its "
+                    f"model.safetensors.index.json ({error}). The upload is incomplete: push every shard again."
+                ) from error
+            raise
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -373,6 +415,27 @@ class Llama4TextModel(Llama4PreTrainedModel):
 
 class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Official repos are multimodal (`language_model.model.*`). The built-in reads their text half by
+    # setting base_model_prefix="language_model", which names no attribute and breaks TRL; a key
+    # mapping (a no-op for text-only checkpoints) does the same with the standard prefix "model".
+    _text_from_multimodal_keys = {r"^language_model\.model\.": "model.", r"^language_model\.lm_head\.": "lm_head."}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> Llama4ForCausalLM:
+        if "key_mapping" in kwargs:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        kwargs["key_mapping"] = cls._text_from_multimodal_keys
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # transformers reverts load-time renamings when saving; ours must not be reverted, so that a text
+        # model is always saved in the text layout (`model.*`, `lm_head.weight`).
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        ours = set(cls._text_from_multimodal_keys)
+        model._weight_conversions = [
+            conversion
+            for conversion in getattr(model, "_weight_conversions", None) or []
+            if not ours.intersection(getattr(conversion, "_original_source_patterns", []))
+        ] or None
+        return loaded
 
     def __init__(self, config: Llama4TextConfig) -> None:
         super().__init__(config)

@@ -242,7 +242,9 @@ CONFIGS = {
 def write_config(name: str, out: Path) -> Llama4Config:
     spec = dict(CONFIGS[name])
     config = Llama4Config(architectures=["Llama4ForConditionalGeneration"], **spec)
-    config.save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Plain official-format config.json (no auto_map, no copied code): push_to_hub adds those to model repos.
+    config.to_json_file(out / "config.json")
     text = config.text_config
     GenerationConfig(
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id

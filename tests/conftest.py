@@ -38,3 +38,11 @@ def tiny_text_kwargs(**overrides) -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Tests that talk to the local Hub server must not inherit HF_HUB_OFFLINE=1 from the environment."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

@@ -168,3 +168,23 @@ def test_inconsistent_vision_shapes_fail_at_build_time():
     config.vision_config.intermediate_size = 100
     with pytest.raises(ValueError, match="pixel shuffle makes 128 channels but the adapter's fc1 expects"):
         Llama4ForConditionalGeneration(config)
+
+
+def test_text_model_loads_from_a_multimodal_checkpoint_and_saves_the_text_layout(models, tmp_path):
+    from safetensors.torch import load_file
+
+    from modeling_llama4 import Llama4ForCausalLM
+
+    builtin, _ = models
+    builtin.save_pretrained(tmp_path / "multimodal")
+    text, info = Llama4ForCausalLM.from_pretrained(tmp_path / "multimodal", output_loading_info=True)
+    assert not info["missing_keys"]
+    assert {key.split(".")[0] for key in info["unexpected_keys"]} == {"vision_model", "multi_modal_projector"}
+    input_ids = torch.randint(3, 800, (2, 40))
+    with torch.no_grad():
+        expected = builtin.language_model(input_ids).logits
+        assert (text.eval()(input_ids).logits - expected).abs().max() <= ATOL
+    text.save_pretrained(tmp_path / "text")
+    keys = set(load_file(tmp_path / "text" / "model.safetensors"))
+    assert "lm_head.weight" in keys and "model.embed_tokens.weight" in keys
+    assert not any(key.startswith("language_model") for key in keys)
