@@ -13,6 +13,7 @@ NoPE layers) are transformers' own `create_chunked_causal_mask`, `create_causal_
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,14 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
-from .moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe
+from .moe import (
+    Llama4Router,
+    Llama4TextExperts,
+    Llama4TextMLP,
+    Llama4TextMoe,
+    router_load_balancing_loss,
+    router_z_loss,
+)
 from .vision import (
     Llama4MultiModalProjector,
     Llama4UnfoldConvolution,
@@ -313,10 +321,12 @@ class Llama4PreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        std = self.config.get_text_config().initializer_range
         if isinstance(module, Llama4TextExperts):
-            std = getattr(self.config, "initializer_range", None) or self.config.get_text_config().initializer_range
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Llama4Router):
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, Llama4VisionRotaryEmbedding):
             init.copy_(module.freqs_ci, module._compute_freqs_ci(module.config))
         elif isinstance(module, Llama4VisionModel):
@@ -413,6 +423,31 @@ class Llama4TextModel(Llama4PreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
 
 
+@dataclass
+class Llama4CausalLMOutput(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus the router z-loss. `aux_loss` is the unweighted load-balancing loss."""
+
+    z_loss: torch.FloatTensor | None = None
+
+
+def add_router_losses(
+    config: Llama4TextConfig,
+    loss: torch.Tensor | None,
+    router_logits: tuple[torch.Tensor, ...] | None,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(loss + coefficients x router losses, balancing loss, z-loss); losses only where router logits exist."""
+    if not router_logits:
+        return loss, None, None
+    token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None and attention_mask.ndim == 2 else None
+    aux_loss = router_load_balancing_loss(router_logits, config.num_experts_per_tok, token_mask)
+    z_loss = router_z_loss(router_logits, token_mask)
+    if loss is not None:
+        loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
+        loss = loss + getattr(config, "router_z_loss_coef", 0.0) * z_loss.to(loss.device)
+    return loss, aux_loss, z_loss
+
+
 class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # Official repos are multimodal (`language_model.model.*`). The built-in reads their text half by
@@ -454,8 +489,13 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> Llama4CausalLMOutput:
+        """With `output_router_logits` (or the config's), also returns the router losses and adds them to the
+        loss, weighted by `router_aux_loss_coef` and `router_z_loss_coef`, when labels are given."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -463,16 +503,30 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_router_logits=output_router_logits,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
+        return self.logits_and_losses(outputs, labels, attention_mask, logits_to_keep, **kwargs)
+
+    def logits_and_losses(
+        self,
+        outputs: MoeModelOutputWithPast,
+        labels: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> Llama4CausalLMOutput:
+        """LM head, next-token loss and router losses on top of the backbone's outputs."""
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # (B, kept, V)
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, kept, V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return MoeCausalLMOutputWithPast(
+        loss, aux_loss, z_loss = add_router_losses(self.config, loss, outputs.router_logits, attention_mask)
+        return Llama4CausalLMOutput(
             loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
@@ -560,15 +614,38 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
     def set_decoder(self, decoder: nn.Module) -> None:
         self.language_model.set_decoder(decoder)
 
+    @property
+    def model(self) -> Llama4MultimodalBackbone:
+        """The backbone (image fusion + text decoder, no LM head), as `base_model`: what TRL and PEFT run to
+        get `last_hidden_state`. The built-in names no such attribute, which crashes TRL's trainers."""
+        return Llama4MultimodalBackbone(self)
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N tiles, 3, S, S) -> (N * tokens_per_tile, text hidden): what replaces the `<|patch|>` embeddings."""
         image_features = self.vision_model(pixel_values)
         return self.multi_modal_projector(image_features.reshape(-1, image_features.shape[-1]))
 
-    def _fuse_images(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor
+    def fuse_images(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        cache: Cache | None,
     ) -> torch.Tensor:
+        """Token embeddings (B, S, H) with image features scattered into the `<|patch|>` positions."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, S, H)
         image_token_id = self.config.image_token_id
+        if pixel_values is None:
+            prefill = cache is None or cache.get_seq_length() == 0
+            if input_ids is not None and prefill and (count := int((input_ids == image_token_id).sum())) > 0:
+                raise ValueError(
+                    f"The prompt has {count} image tokens (<|patch|>, id {image_token_id}) "
+                    "but no pixel_values were given. Pass the pixel_values from the same Llama4Processor call."
+                )
+            return inputs_embeds
         if input_ids is not None:
             is_image_token = input_ids == image_token_id  # (B, S)
         else:
@@ -603,28 +680,65 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, S, H)
-        if pixel_values is not None:
-            inputs_embeds = self._fuse_images(input_ids, inputs_embeds, pixel_values)
-        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
-            if (num_image_tokens := int((input_ids == self.config.image_token_id).sum())) > 0:
-                raise ValueError(
-                    f"The prompt has {num_image_tokens} image tokens (<|patch|>, id {self.config.image_token_id}) "
-                    "but no pixel_values were given. Pass the pixel_values from the same Llama4Processor call."
-                )
-        return self.language_model(
+    ) -> Llama4CausalLMOutput:
+        if output_router_logits is None:
+            output_router_logits = self.config.text_config.output_router_logits
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
-            labels=labels,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        return self.language_model.logits_and_losses(outputs, labels, attention_mask, logits_to_keep, **kwargs)
+
+
+class Llama4MultimodalBackbone(nn.Module):
+    """Image fusion then the text decoder: (input_ids, pixel_values) -> `MoeModelOutputWithPast`.
+
+    A view over a `Llama4ForConditionalGeneration`: it registers no parameters, so the checkpoint keeps
+    the official layout (`vision_model.*`, `multi_modal_projector.*`, `language_model.*`)."""
+
+    def __init__(self, owner: Llama4ForConditionalGeneration) -> None:
+        super().__init__()
+        self.__dict__["owner"] = owner  # not a registered submodule: no duplicate parameters
+        self.config = owner.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.owner.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.owner.device
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.owner.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        inputs_embeds = self.owner.fuse_images(input_ids, inputs_embeds, pixel_values, cache)
+        return self.owner.language_model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
             **kwargs,
         )
 
@@ -635,4 +749,6 @@ __all__ = [
     "Llama4ForCausalLM",
     "Llama4VisionModel",
     "Llama4ForConditionalGeneration",
+    "Llama4MultimodalBackbone",
+    "Llama4CausalLMOutput",
 ]

@@ -102,11 +102,63 @@ class Llama4TextMLP(nn.Module):
         return self.down_proj(self.activation_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Llama4Router(nn.Linear):
-    """Router projection, (T, H) -> (T, E) logits. Top-k selection happens in the MoE block."""
+class Llama4Router(nn.Module):
+    """Router projection, (T, H) -> (T, E) logits; top-k selection happens in the MoE block.
+
+    Deliberately not an `nn.Linear` (the built-in's is): PEFT's "all-linear" and the quantisation
+    backends would otherwise adapt or quantise the router, which must stay exact. Same `weight` (E, H)."""
 
     def __init__(self, config) -> None:
-        super().__init__(config.hidden_size, config.num_local_experts, bias=False)
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, self.weight)
+
+
+def router_load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Load-balancing loss for sigmoid top-k routers, averaged over MoE layers.
+
+    DeepSeek-V3 (arXiv:2412.19437, eqs. 17-20), which also routes with sigmoid affinities:
+    `L = sum_e f_e * P_e`, with `f_e = E / (k T) * #tokens routed to e` (no gradient) and
+    `P_e = mean_t s_te / sum_j s_tj`, the normalised sigmoid score. Equals 1 when perfectly balanced.
+    Computed over the whole batch (not per sequence); `token_mask` (T,) drops padding.
+    """
+    losses = []
+    for logits in router_logits:  # (T, E) per MoE layer
+        logits = logits.float()
+        if token_mask is not None:
+            logits = logits[token_mask]
+        num_tokens, num_experts = logits.shape
+        scores = torch.sigmoid(logits)
+        probability = (scores / scores.sum(-1, keepdim=True)).mean(0)  # (E,)
+        routed = torch.zeros_like(scores).scatter_(1, logits.topk(top_k, dim=-1).indices, 1.0)
+        fraction = routed.sum(0) * num_experts / (top_k * max(num_tokens, 1))  # (E,)
+        losses.append((fraction * probability).sum())
+    return torch.stack(losses).mean()
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, arXiv:2202.08906, eq. 5): mean of logsumexp(logits)^2."""
+    losses = []
+    for logits in router_logits:
+        logits = logits.float() if token_mask is None else logits.float()[token_mask]
+        losses.append(torch.logsumexp(logits, dim=-1).square().mean())
+    return torch.stack(losses).mean()
+
+
+def tokens_per_expert(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(num MoE layers, E) counts of token assignments, for logging expert load."""
+    counts = []
+    for logits in router_logits:
+        logits = logits if token_mask is None else logits[token_mask]
+        indices = logits.topk(top_k, dim=-1).indices.reshape(-1)
+        counts.append(torch.bincount(indices, minlength=logits.shape[-1]))
+    return torch.stack(counts)
 
 
 class Llama4TextMoe(nn.Module):
