@@ -1,0 +1,35 @@
+"""Multi-process training on 2 CPU processes (gloo): DDP through `accelerate launch`, FSDP2 `fully_shard`."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(command: list[str], env: dict | None = None) -> str:
+    result = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_ddp_through_accelerate_launch_matches_single_process():
+    accelerate = shutil.which("accelerate") or pytest.fail("accelerate CLI not on PATH")
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "tests/distributed/ddp_accelerate.py"]
+    out = _run(command, env={"ACCELERATE_USE_CPU": "1"})
+    assert "DDP OK: 2 ranks" in out
+
+
+@pytest.mark.slow
+def test_fsdp2_fully_shard_shards_experts_and_matches_unsharded_training():
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    out = _run(command + ["tests/distributed/fsdp2_step.py"])
+    assert "FSDP2 OK" in out and "2 of 4 experts/rank" in out
