@@ -33,3 +33,21 @@ def test_fsdp2_fully_shard_shards_experts_and_matches_unsharded_training():
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     out = _run(command + ["tests/distributed/fsdp2_step.py"])
     assert "FSDP2 OK" in out and "2 of 4 experts/rank" in out
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "ddp", "fsdp2", "zero3"])
+def test_shipped_accelerate_configs_load_and_name_our_classes(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    import modeling_llama4.modeling_llama4 as modeling
+
+    config = load_config_from_file(str(ROOT / "recipes" / "accelerate_configs" / f"{name}.yaml"))
+    names = []
+    if name == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2
+        names = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    if name == "zero3":
+        assert config.deepspeed_config["zero_stage"] == 3
+        names = config.deepspeed_config["deepspeed_moe_layer_cls_names"].split(",")
+    for class_name in names:
+        assert hasattr(modeling, class_name), class_name
