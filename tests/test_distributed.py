@@ -1,4 +1,5 @@
-"""Multi-process training on 2 CPU processes (gloo): DDP through `accelerate launch`, FSDP2 `fully_shard`."""
+"""Multi-process training on 2 CPU processes (gloo): DDP through `accelerate launch`, FSDP2 `fully_shard`,
+DeepSpeed ZeRO-3 with the MoE block as a leaf module. Each must end with the weights of single-process training."""
 
 import os
 import shutil
@@ -51,3 +52,11 @@ def test_shipped_accelerate_configs_load_and_name_our_classes(name):
         names = config.deepspeed_config["deepspeed_moe_layer_cls_names"].split(",")
     for class_name in names:
         assert any(hasattr(module, class_name) for module in (modeling_llama4, moe, vision)), class_name
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_with_moe_leaf_matches_single_process_training():
+    pytest.importorskip("deepspeed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    out = _run(command + ["tests/distributed/zero3_step.py"], env={"DS_ACCELERATOR": "cpu"})
+    assert "ZeRO-3 OK" in out
