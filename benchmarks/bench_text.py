@@ -1,6 +1,6 @@
 """Speed and memory of our sparse Llama 4 against transformers' built-in, measured in one run.
 
-    python benchmarks/bench_text.py            # full table (~6 minutes on 2 CPU cores)
+    python benchmarks/bench_text.py            # full table (~8 minutes on 2 CPU cores)
     python benchmarks/bench_text.py --quick    # fewer tokens and repeats, for a smoke run
 
 Prints one markdown table. Both models hold the same weights; times are medians of forward+backward.
