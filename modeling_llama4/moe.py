@@ -48,10 +48,13 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: 
             return _GROUPED_MM(rows, weight, offs=offsets)
         except (RuntimeError, NotImplementedError):
             _GROUPED_MM_UNSUPPORTED.add(key)
-    outputs = []
-    for expert, expert_rows in enumerate(rows.split(tokens_per_expert.tolist())):
-        if expert_rows.shape[0]:
-            outputs.append(expert_rows @ weight[expert])
+    # unbind once: indexing weight[e] per expert would make autograd allocate a full (E, in, out) gradient per expert
+    expert_weights = weight.unbind(0)
+    outputs = [
+        expert_rows @ expert_weights[expert]
+        for expert, expert_rows in enumerate(rows.split(tokens_per_expert.tolist()))
+        if expert_rows.shape[0]
+    ]
     return torch.cat(outputs) if outputs else rows.new_zeros(0, weight.shape[-1])
 
 
