@@ -5,8 +5,11 @@ What differs from the built-in:
 - the MoE computes only the routed experts (see `moe.py`);
 - attention temperature tuning reads the true token positions (`position_ids`), so it stays right
   under left padding and packed sequences (the built-in uses the cache length);
-- the config validates itself and accepts Meta's `"attn_temperature_tuning": 4`.
-Masks (chunked local / global causal) and the KV cache (one chunk on chunked layers, everything on
+- unpadded sequences longer than a chunk run each chunk of a chunked layer as its own batch row
+  (S x C attention, no S x S mask);
+- the config validates itself and accepts Meta's `"attn_temperature_tuning": 4`;
+- `Llama4ForConditionalGeneration` exposes its backbone (`model` / `base_model`), which TRL needs.
+Other masks (chunked local / global causal) and the KV cache (one chunk on chunked layers, everything on
 NoPE layers) are transformers' own `create_chunked_causal_mask`, `create_causal_mask` and `DynamicCache`.
 """
 
