@@ -40,6 +40,14 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
     with fields added by later versions of this project still loads into the built-in.
     """
 
+    # Expert parallelism through transformers' `DistributedConfig(ep_size=...)`: experts shard along their first
+    # dimension and tokens reach them by all-to-all. The built-in declares none (its experts take every token).
+    base_model_ep_plan = {
+        "layers.*.feed_forward.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.feed_forward.experts.down_proj": "grouped_gemm",
+        "layers.*.feed_forward.experts": "ep_dispatch_experts",
+    }
+
     def __init__(self, **kwargs: Any) -> None:
         tuning = kwargs.get("attn_temperature_tuning")
         if isinstance(tuning, int) and not isinstance(tuning, bool):

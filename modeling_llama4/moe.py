@@ -72,22 +72,28 @@ class Llama4TextExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(
-        self, hidden_states: torch.Tensor, expert_indices: torch.Tensor, expert_scores: torch.Tensor
+        self, hidden_states: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor
     ) -> torch.Tensor:
-        """hidden_states (T, H); expert_indices, expert_scores (T, k) -> (T, H), the sum over each token's k experts."""
-        num_tokens, top_k = expert_indices.shape
-        flat_experts = expert_indices.reshape(-1)  # (T*k,)
-        order = torch.argsort(flat_experts, stable=True)  # (T*k,) assignments grouped by expert
-        tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)  # (E,)
+        """(N, H) rows, (N, k) expert ids and output weights -> (N, H): sum_k weight * expert(row).
 
-        # Score on the input, as the checkpoint was trained (moving it to the output changes the result).
-        routed_in = hidden_states[order // top_k] * expert_scores.reshape(-1, 1)[order]  # (T*k, H)
-        gate, up = grouped_matmul(routed_in, self.gate_up_proj, tokens_per_expert).chunk(2, dim=-1)  # (T*k, I) x2
-        routed_out = grouped_matmul(up * self.act_fn(gate), self.down_proj, tokens_per_expert)  # (T*k, H)
+        transformers' experts contract, so its expert-parallel dispatch can call this with local expert ids;
+        ids >= num_experts (another rank's experts) contribute nothing. Llama 4 scales the expert INPUT by the
+        router score: `Llama4TextMoe` does that before calling here with unit weights."""
+        num_rows, top_k = expert_indices.shape
+        flat_experts = expert_indices.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat_experts, stable=True)  # (N*k,) assignments grouped by expert, foreign ids last
+        tokens_per_expert = torch.bincount(flat_experts.clamp(max=self.num_experts), minlength=self.num_experts + 1)
+        tokens_per_expert = tokens_per_expert[: self.num_experts]  # (E,)
+        local = order[: int(tokens_per_expert.sum())]  # assignments to this module's experts
 
-        # Back to (token, k) order and sum over k: deterministic, unlike index_add_ on CUDA.
-        unsorted = torch.empty_like(routed_out).index_copy_(0, order, routed_out)
-        return unsorted.view(num_tokens, top_k, self.hidden_size).sum(dim=1)  # (T, H)
+        expert_in = hidden_states[local // top_k]  # (n, H)
+        gate, up = grouped_matmul(expert_in, self.gate_up_proj, tokens_per_expert).chunk(2, dim=-1)  # (n, I) x2
+        expert_out = grouped_matmul(up * self.act_fn(gate), self.down_proj, tokens_per_expert)  # (n, H)
+        expert_out = expert_out * expert_weights.reshape(-1, 1)[local].to(expert_out.dtype)
+
+        # Back to (row, k) order and sum over k: deterministic, unlike index_add_ on CUDA.
+        unsorted = expert_out.new_zeros(num_rows * top_k, self.hidden_size).index_copy(0, local, expert_out)
+        return unsorted.view(num_rows, top_k, self.hidden_size).sum(dim=1)  # (N, H)
 
 
 class Llama4TextMLP(nn.Module):
@@ -180,5 +186,10 @@ class Llama4TextMoe(nn.Module):
         router_logits = self.router(hidden_states)  # (T, E)
         top_logits, expert_indices = torch.topk(router_logits, self.top_k, dim=-1)  # (T, k)
         expert_scores = torch.sigmoid(top_logits.float()).to(hidden_states.dtype)  # (T, k), not normalised
-        routed = self.experts(hidden_states, expert_indices, expert_scores)
+        # Score on the input, as the checkpoints were trained (moving it to the output changes the result):
+        # one pre-scaled row per (token, expert) pair, each run by its one expert with unit weight.
+        routed_in = hidden_states.repeat_interleave(self.top_k, dim=0) * expert_scores.reshape(-1, 1)  # (T*k, H)
+        unit = torch.ones_like(expert_scores).reshape(-1, 1)
+        routed = self.experts(routed_in, expert_indices.reshape(-1, 1), unit)  # (T*k, H)
+        routed = routed.view(-1, self.top_k, self.hidden_dim).sum(dim=1)  # (T, H)
         return self.shared_expert(hidden_states) + routed, router_logits

@@ -1,4 +1,5 @@
-"""Multi-process training on 2 CPU processes (gloo): DDP through `accelerate launch`, FSDP2 `fully_shard`,
+"""Multi-process training on 2 CPU processes (gloo): DDP through `accelerate launch`, FSDP2 `fully_shard`, expert
+parallelism through transformers' `DistributedConfig(ep_size=2)`,
 DeepSpeed ZeRO-3 with the MoE block as a leaf module. Each must end with the weights of single-process training."""
 
 import os
@@ -60,3 +61,12 @@ def test_deepspeed_zero3_with_moe_leaf_matches_single_process_training():
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     out = _run(command + ["tests/distributed/zero3_step.py"], env={"DS_ACCELERATOR": "cpu"})
     assert "ZeRO-3 OK" in out
+
+
+@pytest.mark.slow
+def test_expert_parallel_plan_through_transformers_distributed_config(tmp_path):
+    # DistributedConfig(fsdp_size=2, ep_size=2): each rank holds half the experts and its own batch; tokens
+    # reach their experts by all-to-all. Logits and gradients equal the single-process model's.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    out = _run(command + ["tests/distributed/ep_step.py", str(tmp_path / "model")])
+    assert out.count("EP OK") == 2 and "2 local experts" in out

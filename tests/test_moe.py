@@ -11,16 +11,15 @@ from modeling_llama4 import Llama4TextConfig, Llama4TextExperts, Llama4TextMoe, 
 from conftest import tiny_text_kwargs
 
 
-def dense_reference(experts: Llama4TextExperts, x, expert_indices, expert_scores):
-    """Every expert on every token, weighted by a (T, E) score matrix that is zero off the routing."""
+def dense_reference(experts: Llama4TextExperts, x, expert_indices, expert_weights):
+    """Every expert on every row, kept where the row picked it, times its weight; foreign ids (>= E) give 0."""
     num_experts = experts.gate_up_proj.shape[0]
-    scores = torch.zeros(x.shape[0], num_experts, dtype=x.dtype).scatter_add(1, expert_indices, expert_scores)
     out = torch.zeros_like(x)
     for e in range(num_experts):
-        routed_in = x * scores[:, e : e + 1]
-        gate, up = (routed_in @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)
         expert_out = (up * experts.act_fn(gate)) @ experts.down_proj[e]
-        out = out + expert_out * (scores[:, e : e + 1] != 0)  # an unrouted expert contributes nothing
+        weight = (expert_weights * (expert_indices == e)).sum(-1, keepdim=True)  # (N, 1)
+        out = out + expert_out * weight
     return out
 
 
@@ -29,8 +28,9 @@ def routings(draw):
     num_experts = draw(st.integers(1, 9))
     top_k = draw(st.integers(1, num_experts))
     num_tokens = draw(st.integers(0, 40))
-    # Restrict routing to a random subset so some experts often receive no tokens.
-    allowed = draw(st.lists(st.integers(0, num_experts - 1), min_size=top_k, max_size=num_experts, unique=True))
+    # Restrict routing to a random subset so some experts often receive no tokens; ids >= num_experts stand for
+    # experts on another expert-parallel rank.
+    allowed = draw(st.lists(st.integers(0, num_experts + 1), min_size=top_k, max_size=num_experts + 2, unique=True))
     rows = [
         draw(st.lists(st.sampled_from(allowed), min_size=top_k, max_size=top_k, unique=True))
         for _ in range(num_tokens)
@@ -62,7 +62,7 @@ def test_sparse_experts_match_dense_reference(routing):
         experts.down_proj.normal_()
     x = torch.randn(len(rows), hidden, requires_grad=True)
     indices = torch.tensor(rows, dtype=torch.long).reshape(len(rows), top_k)
-    scores = torch.rand(len(rows), top_k, requires_grad=True)
+    scores = torch.rand(len(rows), top_k, requires_grad=True)  # output weights
 
     sparse = experts(x, indices, scores)
     dense = dense_reference(experts, x, indices, scores)
@@ -112,18 +112,25 @@ def test_moe_block_matches_builtin_forward_and_backward(top_k):
         torch.testing.assert_close(param.grad, builtin_params[name].grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_score_multiplies_the_expert_input_not_its_output():
+def test_moe_block_puts_the_router_score_on_the_expert_input():
     config = Llama4TextConfig(**tiny_text_kwargs(num_local_experts=2))
-    experts = Llama4TextExperts(config)
+    block = Llama4TextMoe(config)
     with torch.no_grad():
-        experts.gate_up_proj.normal_()
-        experts.down_proj.normal_()
+        for p in block.parameters():
+            p.normal_()
     x = torch.randn(4, 64)
-    indices = torch.zeros(4, 1, dtype=torch.long)
-    scores = torch.full((4, 1), 0.25)
-    gate, up = (x * 0.25 @ experts.gate_up_proj[0]).chunk(2, dim=-1)
-    on_input = (up * experts.act_fn(gate)) @ experts.down_proj[0]
-    torch.testing.assert_close(experts(x, indices, scores), on_input)
-    gate, up = (x @ experts.gate_up_proj[0]).chunk(2, dim=-1)
-    on_output = 0.25 * (up * experts.act_fn(gate)) @ experts.down_proj[0]
-    assert (on_input - on_output).abs().max() > 1e-3
+    out, logits = block(x)
+    top, expert = logits.max(-1)
+    score = torch.sigmoid(top)[:, None]
+    experts = block.experts
+    per_token = []
+    for t in range(4):
+        gate, up = (x[t : t + 1] * score[t] @ experts.gate_up_proj[expert[t]]).chunk(2, dim=-1)
+        per_token.append((up * experts.act_fn(gate)) @ experts.down_proj[expert[t]])
+    on_input = torch.cat(per_token) + block.shared_expert(x)
+    torch.testing.assert_close(out, on_input, atol=1e-4, rtol=1e-4)
+    on_output = []
+    for t in range(4):
+        gate, up = (x[t : t + 1] @ experts.gate_up_proj[expert[t]]).chunk(2, dim=-1)
+        on_output.append(score[t] * (up * experts.act_fn(gate)) @ experts.down_proj[expert[t]])
+    assert (torch.cat(on_output) + block.shared_expert(x) - out).abs().max() > 1e-3
