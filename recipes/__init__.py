@@ -1,0 +1,1 @@
+"""Training recipes for llama4-hf (run from a clone: `accelerate launch recipes/<recipe>.py --config ...`)."""
