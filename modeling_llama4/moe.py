@@ -32,8 +32,9 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: 
     """Multiply expert-sorted rows by their expert's weight.
 
     rows: (N, in), sorted so expert e owns the next `tokens_per_expert[e]` rows; weight: (E, in, out).
-    Returns (N, out). Uses torch's grouped GEMM when the device, dtype and alignment allow it; otherwise
-    a loop over the experts that received tokens (never over empty ones).
+    Returns (N, out). Rows after the last group (sum(tokens_per_expert) <= N) belong to no expert here: their
+    output is unspecified and the caller masks them. Uses torch's grouped GEMM when the device, dtype and
+    alignment allow it; otherwise a loop over the experts that received tokens (never over empty ones).
     """
     rows = rows.to(weight.dtype)
     key = (rows.device.type, rows.dtype)
@@ -48,14 +49,13 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: 
             return _GROUPED_MM(rows, weight, offs=offsets)
         except (RuntimeError, NotImplementedError):
             _GROUPED_MM_UNSUPPORTED.add(key)
+    counts = tokens_per_expert.tolist()
+    groups = rows.split([*counts, rows.shape[0] - sum(counts)])
     # unbind once: indexing weight[e] per expert would make autograd allocate a full (E, in, out) gradient per expert
     expert_weights = weight.unbind(0)
-    outputs = [
-        expert_rows @ expert_weights[expert]
-        for expert, expert_rows in enumerate(rows.split(tokens_per_expert.tolist()))
-        if expert_rows.shape[0]
-    ]
-    return torch.cat(outputs) if outputs else rows.new_zeros(0, weight.shape[-1])
+    outputs = [expert_rows @ expert_weights[e] for e, expert_rows in enumerate(groups[:-1]) if expert_rows.shape[0]]
+    outputs.append(rows.new_zeros(groups[-1].shape[0], weight.shape[-1]))
+    return torch.cat(outputs)
 
 
 class Llama4TextExperts(nn.Module):
@@ -84,15 +84,17 @@ class Llama4TextExperts(nn.Module):
         order = torch.argsort(flat_experts, stable=True)  # (N*k,) assignments grouped by expert, foreign ids last
         tokens_per_expert = torch.bincount(flat_experts.clamp(max=self.num_experts), minlength=self.num_experts + 1)
         tokens_per_expert = tokens_per_expert[: self.num_experts]  # (E,)
-        local = order[: int(tokens_per_expert.sum())]  # assignments to this module's experts
+        # Foreign rows sit after the last group; the grouped GEMM leaves their outputs (and input gradients)
+        # unwritten, so they are zeroed on both sides. A mask, not a slice: no host sync per layer.
+        foreign = (flat_experts[order] >= self.num_experts).unsqueeze(-1)  # (N*k, 1)
 
-        expert_in = hidden_states[local // top_k]  # (n, H)
-        gate, up = grouped_matmul(expert_in, self.gate_up_proj, tokens_per_expert).chunk(2, dim=-1)  # (n, I) x2
-        expert_out = grouped_matmul(up * self.act_fn(gate), self.down_proj, tokens_per_expert)  # (n, H)
-        expert_out = expert_out * expert_weights.reshape(-1, 1)[local].to(expert_out.dtype)
+        expert_in = hidden_states[order // top_k].masked_fill(foreign, 0.0)  # (N*k, H)
+        gate, up = grouped_matmul(expert_in, self.gate_up_proj, tokens_per_expert).chunk(2, dim=-1)  # (N*k, I) x2
+        expert_out = grouped_matmul(up * self.act_fn(gate), self.down_proj, tokens_per_expert)  # (N*k, H)
+        expert_out = expert_out.masked_fill(foreign, 0.0) * expert_weights.reshape(-1, 1)[order].to(expert_out.dtype)
 
         # Back to (row, k) order and sum over k: deterministic, unlike index_add_ on CUDA.
-        unsorted = expert_out.new_zeros(num_rows * top_k, self.hidden_size).index_copy(0, local, expert_out)
+        unsorted = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
         return unsorted.view(num_rows, top_k, self.hidden_size).sum(dim=1)  # (N, H)
 
 
