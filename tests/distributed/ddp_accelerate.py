@@ -2,20 +2,13 @@
 Llama 4 (sparse MoE, router aux loss on), then check every rank holds the same weights as a single-process
 model trained on the whole batch."""
 
-from pathlib import Path
-
 import torch
 from accelerate import Accelerator
-
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-
-TINY = Path(__file__).resolve().parents[2] / "hub_configs" / "tiny"
+from common import build_tiny, rank_rows, train_single_process
 
 
-def build() -> Llama4ForCausalLM:
-    torch.manual_seed(0)
-    config = Llama4TextConfig.from_pretrained(TINY, output_router_logits=True, router_aux_loss_coef=0.01)
-    return Llama4ForCausalLM(config)
+def build():
+    return build_tiny(output_router_logits=True, router_aux_loss_coef=0.01)
 
 
 def main() -> None:
@@ -27,7 +20,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = [torch.randint(3, 800, (2 * world, 32), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     for batch in batches:
-        mine = batch[2 * rank : 2 * rank + 2]
+        mine = rank_rows(batch, rank)
         accelerator.backward(model(mine, labels=mine, use_cache=False).loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -37,13 +30,7 @@ def main() -> None:
     assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
     assert (flat - initial).abs().max() > 1e-4, "training did not move the weights"
     if accelerator.is_main_process:
-        reference = build()
-        reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-        for batch in batches:
-            halves = [batch[2 * r : 2 * r + 2] for r in range(world)]
-            (sum(reference(h, labels=h).loss for h in halves) / world).backward()
-            reference_optimizer.step()
-            reference_optimizer.zero_grad()
+        reference = train_single_process(build(), batches, world)
         expected = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
         worst = (expected - flat).abs().max().item()
         assert worst < 1e-5, worst
