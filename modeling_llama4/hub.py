@@ -46,7 +46,7 @@ def model_card(
     lines = [
         "# Llama 4 (llama4-hf)",
         "",
-        "Saved with [llama4-hf](https://pypi.org/project/llama4-hf/): transformers' `llama4` weight layout with a",
+        "Saved with llama4-hf: transformers' `llama4` weight layout with a",
         "sparse mixture of experts. Load it with either implementation:",
         "",
         "```python",
@@ -92,8 +92,8 @@ def push_to_hub(
     commit_message: str = "Upload Llama 4 (llama4-hf)",
 ) -> str:
     """Upload weights (safetensors), config with `auto_map`, the modeling files, the tokenizer or processor,
-    and a model card, in ONE commit: a pull never sees a half-uploaded repo. Returns the commit url."""
-    register_auto_classes()
+    and a model card, in ONE commit: a pull never sees a half-uploaded repo. Returns the commit url.
+    The auto-class registration that ships the code happens when `modeling_llama4` is imported."""
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
