@@ -1,0 +1,111 @@
+"""Batched generation for evaluation and RL sampling: chat template, left padding, `model.generate`, decode."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["generate_completions", "render_prompts"]
+
+Prompt = str | list[dict]
+
+
+def render_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt: chat messages through the tokenizer's chat template with the assistant header
+    appended (`add_generation_prompt=True`), plain strings as they are (with the tokenizer's BOS)."""
+    ids = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        else:
+            text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+            # The template already starts with <|begin_of_text|>; a second BOS shifts every position.
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def _generation_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, num_samples: int):
+    # A copy of the model's own config keeps its EOS ids (Llama 4 stops on <|eot|> and <|eom|>) while our settings
+    # override the sampling ones a checkpoint may ship (`do_sample: true, temperature: 0.6`).
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = max_new_tokens
+    config.max_length = None
+    config.pad_token_id = tokenizer.pad_token_id
+    if temperature > 0:
+        config.do_sample, config.temperature, config.top_p, config.top_k = True, temperature, top_p, None
+        config.num_return_sequences = num_samples
+    else:
+        config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
+        config.num_return_sequences = 1
+    if config.eos_token_id is None:
+        config.eos_token_id = tokenizer.eos_token_id
+    return config
+
+
+@torch.inference_mode()
+def generate_completions(
+    model,
+    tokenizer,
+    prompts: list[list[dict]] | list[str],
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "generating",
+    on_prompt_done: Callable[[int, list[str]], None] | None = None,
+) -> list[list[str]]:
+    """`num_samples` completions for each prompt, decoded without special tokens: `result[i][j]` is sample j of
+    prompt i.
+
+    Chat prompts (lists of `{"role", "content"}` messages) go through the chat template with the generation prompt;
+    strings are used as is. Greedy when `temperature == 0` (then one generation is copied `num_samples` times, since
+    every sample would be the same); otherwise sampling with `temperature` / `top_p`, seeded per batch from `seed`.
+    `batch_size` counts sequences per `generate` call (prompts x samples). Prompts are grouped by length and left
+    padded. `on_prompt_done(index, completions)` is called as each prompt finishes, e.g. to write a resumable cache.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not prompts:
+        return []
+    saved = tokenizer.padding_side, tokenizer.pad_token
+    # Decoder-only models must be left padded: with right padding the first generated token follows pad tokens.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    was_training = model.training
+    model.eval()
+    try:
+        config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, num_samples)
+        sampled = temperature > 0
+        per_call = max(1, batch_size // num_samples) if sampled else max(1, batch_size)
+        ids = render_prompts(tokenizer, prompts)
+        # Longest first: similar lengths share a batch (less padding), and an out-of-memory error shows up at once.
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        results: list[list[str] | None] = [None] * len(ids)
+        device = next(model.parameters()).device
+        with tqdm(total=len(ids), desc=desc, disable=not progress, unit="prompt") as bar:
+            for start in range(0, len(order), per_call):
+                batch = order[start : start + per_call]
+                inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
+                if sampled:
+                    torch.manual_seed(seed + start)
+                output = model.generate(**inputs, generation_config=config)
+                new_tokens = output[:, inputs["input_ids"].shape[1] :]
+                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                for k, index in enumerate(batch):
+                    samples = texts[k * num_samples : (k + 1) * num_samples] if sampled else [texts[k]] * num_samples
+                    results[index] = samples
+                    if on_prompt_done is not None:
+                        on_prompt_done(index, samples)
+                bar.update(len(batch))
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = saved
+        model.train(was_training)
+    return results  # type: ignore[return-value]

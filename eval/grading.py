@@ -1,0 +1,404 @@
+"""Answer extraction and grading, shared by the metric modules, the runner and RL reward functions.
+
+Everything here takes a full model output (chain of thought included) and never raises on odd text: a grader
+that crashes a 10-hour RL run on one malformed completion is worse than one that scores it 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import signal
+import threading
+import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = [
+    "MGSM_LANGUAGES",
+    "extract_boxed",
+    "extract_choice_letter",
+    "extract_math_answer",
+    "extract_number",
+    "math_answer_correct",
+    "numbers_equal",
+]
+
+MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
+
+# ---------------------------------------------------------------------------------------------------------------
+# \boxed{...}
+# ---------------------------------------------------------------------------------------------------------------
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*")
+
+
+def _balanced_braces(text: str, start: int) -> str | None:
+    """Content of the `{...}` group opening at `text[start]`; None when it never closes (a truncated output)."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "\\":  # `\{` and `\}` are literal braces, not grouping
+            continue
+        if text[i] == "{" and (i == 0 or text[i - 1] != "\\"):
+            depth += 1
+        elif text[i] == "}" and text[i - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces kept; None if there is none.
+
+    `\\boxed 5` (TeX's brace-less form) gives "5". An unclosed last box is skipped in favour of an earlier closed one.
+    """
+    if not isinstance(text, str):
+        return None
+    for match in reversed(list(_BOXED_RE.finditer(text))):
+        end = match.end()
+        if end < len(text) and text[end] == "{":
+            content = _balanced_braces(text, end)
+            if content is not None:
+                return content.strip()
+        elif match.group(0).endswith((" ", "\t")) or end < len(text) and text[end].isalnum():
+            token = re.match(r"[^\s$.,;]+", text[end:])
+            if token:
+                return token.group(0)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Math (MATH-500): math-verify, gold first, under a timeout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _GradingTimeout(BaseException):
+    """BaseException so that math-verify's and sympy's `except Exception` blocks cannot swallow it."""
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    # One SIGALRM around parse + verify together (math-verify's own timeouts are per call and whole seconds).
+    # Signals only work in the main thread; elsewhere the caller gets `_run_in_subprocess` instead.
+    def handler(signum, frame):
+        raise _GradingTimeout
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_ANSWER_LINE_RE = re.compile(
+    r"(?:final answer is|final answer:|the answer is|answer is|answer:)\s*(.+)", re.IGNORECASE | re.DOTALL
+)
+
+
+def extract_math_answer(text: str) -> str | None:
+    """The final-answer span of a math output: the last `\\boxed{}`, else what follows the last "answer is" /
+    "Answer:" (to the end of that line). None when the output states no final answer."""
+    if not isinstance(text, str):
+        return None
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    matches = list(_ANSWER_LINE_RE.finditer(text))
+    if matches:
+        span = matches[-1].group(1).strip().split("\n")[0].strip()
+        return span.rstrip(".").strip() or None
+    return None
+
+
+def _latex_wrapped(answer: str) -> str:
+    # math-verify's LaTeX extractor needs delimiters; a bare gold like `\frac{1}{2}` or `3\sqrt{2}` would otherwise
+    # go through the plain-expression parser, which misreads LaTeX.
+    stripped = answer.strip()
+    if stripped.startswith("$") or "\\boxed" in stripped or stripped.startswith(("\\(", "\\[")):
+        return stripped
+    return f"${stripped}$"
+
+
+def _parse_and_verify(prediction: str, gold: str) -> bool:
+    from math_verify import parse, verify
+
+    gold_parsed = parse(_latex_wrapped(gold), parsing_timeout=None)
+    if not gold_parsed:
+        return False
+    # The whole output first: math-verify ranks `\boxed{}` and "final answer is" above other matches itself.
+    pred_parsed = parse(prediction, parsing_timeout=None)
+    if pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
+        return True
+    # Then the extracted final-answer span alone, wrapped in LaTeX delimiters: this rescues outputs such as
+    # "The final answer is 3\sqrt{2}." without `$...$`, which the plain-expression parser misreads.
+    span = extract_math_answer(prediction)
+    if span is None:
+        return False
+    span_parsed = parse(_latex_wrapped(span), parsing_timeout=None)
+    return bool(span_parsed) and verify(gold_parsed, span_parsed, timeout_seconds=None)
+
+
+def _quiet_math_verify() -> None:
+    # We run math-verify with its own timeouts off (ours wraps both calls); it warns about that once per process.
+    import math_verify.grader
+    import math_verify.parser
+
+    math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _subprocess_worker(prediction: str, gold: str, queue) -> None:  # pragma: no cover - runs in a child process
+    try:
+        _quiet_math_verify()
+        queue.put(_parse_and_verify(prediction, gold))
+    except BaseException:
+        queue.put(False)
+
+
+def _run_in_subprocess(prediction: str, gold: str, timeout_seconds: float) -> bool:
+    # Off the main thread (a thread-pool reward function, a web server) SIGALRM is unavailable; a child process
+    # is the only way to stop a runaway sympy simplification. Slower (~50 ms), hence only as a fallback.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_subprocess_worker, args=(prediction, gold, queue), daemon=True)
+    process.start()
+    try:
+        return bool(queue.get(timeout=timeout_seconds + 10.0))  # + interpreter start-up
+    except Exception:
+        return False
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(1.0)
+
+
+def math_answer_correct(prediction: str, gold: str, timeout_seconds: float = 5.0) -> bool:
+    """Whether a model output states the gold answer, by math-verify `verify(parse(gold), parse(prediction))`.
+
+    `prediction` is a full output (chain of thought, `\\boxed{}` or "The final answer is ..."); `gold` a bare answer
+    such as MATH-500's `answer` field (`\\frac{1}{2}`, `(3, \\frac{\\pi}{2})`) or a text with `\\boxed{}`. Gold is
+    parsed first because math-verify's comparison is not symmetric (gold decides intervals vs. sets etc.). Never
+    raises: unparsable input, any error and running past `timeout_seconds` give False.
+    """
+    if not isinstance(prediction, str) or not isinstance(gold, str) or not prediction.strip() or not gold.strip():
+        return False
+    _quiet_math_verify()
+    if threading.current_thread() is not threading.main_thread():
+        return _run_in_subprocess(prediction, gold, timeout_seconds)
+    try:
+        with _time_limit(timeout_seconds):
+            return bool(_parse_and_verify(prediction, gold))
+    except _GradingTimeout:
+        return False
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers (MGSM)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Answer prefixes per language: MGSM's own exemplar phrasing (lm-eval's native CoT prompts), simple-evals' short
+# forms, and the English ones, which models often fall back to in any language. Longest first per language.
+MGSM_ANSWER_PREFIXES: dict[str, tuple[str, ...]] = {
+    "en": ("The final answer is", "The answer is", "Answer"),
+    "bn": ("উত্তর হল", "উত্তর হলো", "উত্তর", "উত্তরঃ"),
+    "de": ("Die Antwort lautet", "Die Antwort ist", "Antwort"),
+    "es": ("La respuesta es", "Respuesta"),
+    "fr": ("La réponse est", "Réponse"),
+    "ja": ("答えは", "解答", "答え"),
+    "ru": ("Ответ —", "Ответ:", "Ответ -", "Ответ"),
+    "sw": ("Jibu ni", "Jibu"),
+    "te": ("సమాధానం", "జవాబు"),
+    "th": ("คำตอบคือ", "คำตอบ"),
+    "zh": ("答案是", "答案"),
+}
+
+# Languages whose usual decimal mark is a comma (so `.` or a space groups thousands). The others group with
+# commas (Bengali and Telugu in the Indian 2-digit groups, 1,00,000) and use a dot for decimals.
+_COMMA_DECIMAL = {"de", "es", "fr", "ru"}
+# Languages where a plain space groups thousands (1 234); everywhere a no-break or thin space does.
+_SPACE_GROUPING = {"fr", "ru", "es"}
+_THIN_SPACES = "\u00a0\u202f\u2009\u2007"
+
+
+def _ascii_digits(text: str) -> str:
+    """Native digits (Bengali ০-৯, Telugu ౦-౯, Thai ๐-๙, full-width ０-９, ...) as ASCII; nothing else changes.
+
+    Full-width punctuation is deliberately left alone: in Chinese text `，` separates clauses, not thousands.
+    """
+    out = []
+    for ch in text:
+        if not ch.isascii() and ch.isdigit():
+            value = unicodedata.decimal(ch, None)
+            out.append(str(value) if value is not None else ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _number_re(language: str | None) -> re.Pattern[str]:
+    spaces = _THIN_SPACES + (" " if language in _SPACE_GROUPING else "")
+    # A group separator is `.` or `,` followed by digits, or a space followed by exactly three digits (so that
+    # "3 apples and 4" never merges into 34). The sign must not follow a word character ("COVID-19", "3-4").
+    return re.compile(
+        rf"(?<![\w.,])(?P<sign>[-−–]\s?)?(?P<body>\d+(?:(?:[.,]|[{spaces}](?=\d{{3}}(?!\d)))\d+)*)",
+    )
+
+
+def _to_float(body: str, language: str | None) -> float | None:
+    body = re.sub(rf"[ {_THIN_SPACES}]", "", body)
+    commas, dots = body.count(","), body.count(".")
+    if commas and dots:
+        # Both marks: the last one is the decimal mark (1,234.5 and 1.234,5 alike).
+        decimal = "," if body.rfind(",") > body.rfind(".") else "."
+        group = "." if decimal == "," else ","
+        body = body.replace(group, "").replace(decimal, ".")
+    elif commas or dots:
+        mark = "," if commas else "."
+        count = commas or dots
+        tail = body.rsplit(mark, 1)[1]
+        comma_decimal = language in _COMMA_DECIMAL
+        # The locale's decimal mark is a decimal unless repeated; the other mark groups thousands when followed by
+        # 3 digits and is otherwise a decimal (a German model writing "2.5" in English style means two and a half).
+        is_decimal_mark = (mark == ",") == comma_decimal
+        if count > 1:
+            body = body.replace(mark, "")
+        elif is_decimal_mark:
+            body = body.replace(mark, ".")
+        elif len(tail) == 3:
+            body = body.replace(mark, "")
+        else:
+            body = body.replace(mark, ".")
+    try:
+        value = float(body)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _numbers(text: str, language: str | None) -> list[float]:
+    values = []
+    for match in _number_re(language).finditer(text):
+        value = _to_float(match.group("body"), language)
+        if value is not None:
+            values.append(-value if match.group("sign") else value)
+    return values
+
+
+def _clean_latex(text: str) -> str:
+    # `1{,}234` and `1\,234` are how LaTeX writes grouped numbers; `\$`, `\text{...}` and `\%` are decoration.
+    text = text.replace("{,}", ",").replace("\\,", "\u2009").replace("\\!", "").replace("\\ ", " ")
+    text = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", text)
+    text = re.sub(r"\\frac\{(\d+)\}\{(\d+)\}", r"\1/\2", text)
+    return text.replace("\\$", "$").replace("\\%", "%")
+
+
+def _prefix_re(language: str | None) -> re.Pattern[str]:
+    prefixes = set(MGSM_ANSWER_PREFIXES["en"])
+    if language is None:
+        for values in MGSM_ANSWER_PREFIXES.values():
+            prefixes.update(values)
+    else:
+        prefixes.update(MGSM_ANSWER_PREFIXES.get(language, ()))
+    alternatives = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+    return re.compile(rf"(?:\*\*)?(?:{alternatives})(?:\*\*)?\s*(?:[:：]|[—-](?=\s))?", re.IGNORECASE)
+
+
+def extract_number(text: str, language: str | None = None) -> float | None:
+    """The final numeric answer of a grade-school math output (MGSM, GSM8K); None when it has no number.
+
+    In order: the last `\\boxed{}`; the number on the line of the last answer prefix ("The answer is", "Die
+    Antwort lautet", "答案：", ... for `language`, English ones always); the last number in the text. Numbers are
+    read in the language's format: `1,234.5` (en), `1.234,5` (de, es), `1 234,5` (fr, ru), `1,00,000` (bn, te),
+    native digits (০-৯, ౦-౯, ๐-๙, full-width). Without `language` the English format is assumed and every
+    language's prefixes are tried.
+    """
+    if not isinstance(text, str) or not text:
+        return None
+    text = _ascii_digits(text)
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        values = _numbers(_clean_latex(boxed), language)
+        if values:
+            return values[0] if len(values) == 1 or "=" not in boxed else values[-1]
+    cleaned = _clean_latex(text)
+    for match in reversed(list(_prefix_re(language).finditer(cleaned))):
+        line = cleaned[match.end() :].split("\n", 1)[0]
+        # "The answer is 3 + 15 = 18": the result follows the last `=`; otherwise the first number is the answer
+        # ("The answer is 18 (3 eggs a day)").
+        after_equals = line.rsplit("=", 1)[1] if "=" in line else line
+        values = _numbers(after_equals, language)
+        if values:
+            return values[0]
+    values = _numbers(cleaned, language)
+    return values[-1] if values else None
+
+
+def numbers_equal(prediction: float | None, gold: float | str | None, rel_tol: float = 1e-6) -> bool:
+    """Whether an extracted number equals the gold one (gold may be MGSM's string form, e.g. "70000")."""
+    if prediction is None or gold is None:
+        return False
+    if isinstance(gold, str):
+        gold = _to_float(gold.strip().replace(" ", ""), None) if gold.strip() else None
+        if gold is None:
+            return False
+    return math.isclose(prediction, float(gold), rel_tol=rel_tol, abs_tol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiple choice (GPQA, MMLU)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Answer words in the languages of Global-MMLU / MMMLU prompts, for "X: B" (simple-evals' multilingual list plus
+# the MGSM prefixes); English phrasings for "the (best|correct|final) answer is (B)".
+_CHOICE_ANSWER_WORDS = (
+    r"answer|antwort|respuesta|réponse|resposta|risposta|jawaban|jibu|cevap|ответ|відповідь|odpowiedź|"
+    r"odpověď|antwoord|svar|vastaus|válasz|răspuns|απάντηση|תשובה|الإجابة|الجواب|پاسخ|उत्तर|উত্তর|উত্তরঃ|"
+    r"సమాధానం|ఉత్తరం|பதில்|ഉത്തരം|ಉತ್ತರ|ઉત્તર|ਜਵਾਬ|คำตอบ|答案|答え|解答|정답|답|đáp án|trả lời|sagot|"
+    r"amsa|idahun|azịza|impendulo|jawapan"
+)
+_FULLWIDTH_LETTERS = str.maketrans("ＡＢＣＤＥＦＧＨＩＪ", "ABCDEFGHIJ")
+
+
+def _choice_patterns(letters: str) -> list[re.Pattern[str]]:
+    letter = rf"[{letters}]"
+    # A letter is the answer only when it stands alone: "(B)", "B", "**B**", "B." but not "Because" or "A cat".
+    alone = rf"[\(\[\{{*\s]*(?-i:(?P<letter>{letter}))(?![\w'’])"
+    return [
+        re.compile(rf"\\boxed\s*\{{\s*(?:\\text(?:bf)?\s*\{{)?\s*\(?(?P<letter>{letter})\)?\s*\}}?\s*\}}"),
+        re.compile(
+            rf"(?:the\s+)?(?:best|correct|final|right)\s+(?:answer|option|choice)\s*(?:is|:)\s*(?:option|choice)?\s*"
+            rf":?\s*\$?{alone}",
+            re.IGNORECASE,
+        ),
+        re.compile(
+            rf"(?:^|[^\w])(?:{_CHOICE_ANSWER_WORDS})\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*\$?{alone}", re.IGNORECASE
+        ),
+        re.compile(rf"answer\s+is\s*:?\s*(?:option|choice)?\s*\$?{alone}", re.IGNORECASE),
+    ]
+
+
+def extract_choice_letter(text: str, letters: str = "ABCD") -> str | None:
+    """The chosen option letter of a multiple-choice output, upper case; None when no answer is stated.
+
+    Recognises `\\boxed{B}` (also `\\boxed{\\text{B}}`, `\\boxed{(B)}`), "The best answer is B", "The correct answer
+    is (B)", "Answer: B" (and "Antwort: B", "答案：B", ... for multilingual MMLU), "answer is B"; the last statement
+    wins. A bare letter as the whole output ("B", "(B)", "B.") counts too. `letters` sets the valid options.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text.translate(_FULLWIDTH_LETTERS)
+    for pattern in _choice_patterns(letters):
+        matches = list(pattern.finditer(text))
+        if matches:
+            return matches[-1].group("letter").upper()
+    bare = re.fullmatch(rf"\s*[\(\[*]*\s*([{letters}])\s*[\)\]*.]*\s*", text)
+    return bare.group(1) if bare else None
