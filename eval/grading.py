@@ -12,17 +12,22 @@ import re
 import signal
 import threading
 import unicodedata
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 __all__ = [
     "MGSM_LANGUAGES",
+    "aggregate_scores",
     "extract_boxed",
     "extract_choice_letter",
     "extract_math_answer",
     "extract_number",
+    "majority_index",
     "math_answer_correct",
+    "math_answer_key",
     "numbers_equal",
+    "pass_at_k",
 ]
 
 MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
@@ -402,3 +407,68 @@ def extract_choice_letter(text: str, letters: str = "ABCD") -> str | None:
             return matches[-1].group("letter").upper()
     bare = re.fullmatch(rf"\s*[\(\[*]*\s*([{letters}])\s*[\)\]*.]*\s*", text)
     return bare.group(1) if bare else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several samples per question: pass@k and maj@k
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimate from `n` samples of which `c` are correct (Chen et al. 2021, eq. 1):
+    1 - C(n-c, k) / C(n, k), computed as a product to stay exact for large n."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def majority_index(keys: Sequence[Hashable | None]) -> int | None:
+    """Index of the first sample whose answer key is the most common one (ties: the earliest answer to reach the
+    top count first appears first); None when no sample has an answer. Samples without an answer do not vote."""
+    counts = Counter(key for key in keys if key is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    for i, key in enumerate(keys):
+        if key is not None and counts[key] == top:
+            return i
+    return None  # unreachable
+
+
+def aggregate_scores(
+    correct: Sequence[Sequence[bool]], keys: Sequence[Sequence[Hashable | None]] | None = None, ks: Iterable[int] = ()
+) -> dict[str, float]:
+    """Scores of per-question sample grades: `correct[q][s]` is sample s of question q.
+
+    `accuracy` is the mean over all samples (pass@1, unbiased for any n). With more than one sample per question,
+    `pass@k` (unbiased estimator) and, given answer `keys` (`keys[q][s]`, e.g. the extracted number), `maj@k` (the
+    majority answer of the first k samples is correct) for each k in `ks` that is <= the number of samples.
+    """
+    if not correct:
+        return {"accuracy": 0.0}
+    scores = {"accuracy": sum(sum(row) / len(row) for row in correct) / len(correct)}
+    n = min(len(row) for row in correct)
+    for k in sorted(set(ks)):
+        if k < 1 or k > n or n == 1:
+            continue
+        scores[f"pass@{k}"] = sum(pass_at_k(len(row), sum(row), k) for row in correct) / len(correct)
+        if keys is not None:
+            hits = 0
+            for row_correct, row_keys in zip(correct, keys):
+                index = majority_index(row_keys[:k])
+                hits += bool(index is not None and row_correct[index])
+            scores[f"maj@{k}"] = hits / len(correct)
+    return scores
+
+
+def math_answer_key(text: str) -> str | None:
+    """A comparable form of a math output's final answer, for maj@k: the extracted span without spaces and
+    presentation-only LaTeX (`\\left`, `\\dfrac`, `\\!`)."""
+    span = extract_math_answer(text)
+    if span is None:
+        return None
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\!", "")):
+        span = span.replace(old, new)
+    return re.sub(r"\s+|\\[,;:]|^\$|\$$", "", span) or None
