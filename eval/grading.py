@@ -43,8 +43,7 @@ def _balanced_braces(text: str, start: int) -> str | None:
     """Content of the `{...}` group opening at `text[start]`; None when it never closes (a truncated output)."""
     depth = 0
     for i in range(start, len(text)):
-        if text[i] == "\\":  # `\{` and `\}` are literal braces, not grouping
-            continue
+        # `\{` and `\}` are literal braces (set notation), not grouping.
         if text[i] == "{" and (i == 0 or text[i - 1] != "\\"):
             depth += 1
         elif text[i] == "}" and text[i - 1] != "\\":

@@ -62,9 +62,16 @@ def cache_key(example: Example, settings: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_model(path: str, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False):
+def load_model(
+    path: str,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+):
     """Model and tokenizer from a local directory or Hub id. Llama 4 checkpoints (text or multimodal) load into
-    `modeling_llama4.Llama4ForCausalLM` (sparse MoE); any other causal LM through `AutoModelForCausalLM`."""
+    `modeling_llama4.Llama4ForCausalLM` (sparse MoE); any other causal LM through `AutoModelForCausalLM`.
+    `device_map` (e.g. "auto") spreads a model too large for one GPU; otherwise it goes to `device`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -72,12 +79,14 @@ def load_model(path: str, dtype: str = "auto", device: str | None = None, trust_
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    if device_map:
+        kwargs["device_map"] = device_map
     if getattr(config, "model_type", None) in ("llama4", "llama4_text"):
         model = modeling_llama4.Llama4ForCausalLM.from_pretrained(path, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    if not device_map:
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
@@ -165,7 +174,6 @@ def evaluate_task(
         record.update({"meta": example.meta} if example.meta else {})
         record.update({"prompt": example.messages} if task.save_prompts else {})
         records.append({**record, "completions": completions})
-    # JSON cannot hold float('nan') answers portably; answers are letters, numbers or strings anyway.
     (output_dir / "samples").mkdir(parents=True, exist_ok=True)
     with (output_dir / "samples" / f"{task.name}.jsonl").open("w", encoding="utf-8") as f:
         for record in records:
@@ -263,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpqa_password", default=None, help="password of the GPQA dataset.zip (default: public one)")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--device_map", default=None, help='e.g. "auto" to spread a large model over GPUs')
     parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
     return parser
@@ -284,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     output_dir = args.output_dir or Path("outputs") / "eval" / Path(args.model.rstrip("/")).name
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.device_map)
     results = {
         "model": args.model,
         "config": {
