@@ -98,24 +98,24 @@ def _time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-_ANSWER_LINE_RE = re.compile(
-    r"(?:final answer is|final answer:|the answer is|answer is|answer:)\s*(.+)", re.IGNORECASE | re.DOTALL
-)
+_ANSWER_PREFIX_RE = re.compile(r"final answer is|final answer:|answer is|answer:", re.IGNORECASE)
+_HOPE_RE = re.compile(r"[.\s]*I hope it is correct\.?\s*$", re.IGNORECASE)
 
 
 def extract_math_answer(text: str) -> str | None:
     """The final-answer span of a math output: the last `\\boxed{}`, else what follows the last "answer is" /
-    "Answer:" (to the end of that line). None when the output states no final answer."""
+    "Answer:" (the rest of that line, or the next line when the prefix ends one). None when no answer is stated."""
     if not isinstance(text, str):
         return None
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
-    matches = list(_ANSWER_LINE_RE.finditer(text))
-    if matches:
-        span = matches[-1].group(1).strip().split("\n")[0].strip()
-        return span.rstrip(".").strip() or None
-    return None
+    matches = list(_ANSWER_PREFIX_RE.finditer(text))
+    if not matches:
+        return None
+    span = text[matches[-1].end() :].lstrip(" \t:").lstrip("\n").split("\n")[0]
+    span = _HOPE_RE.sub("", span).strip().rstrip(".").strip()
+    return span or None
 
 
 def _latex_wrapped(answer: str) -> str:

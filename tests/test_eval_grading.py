@@ -48,6 +48,9 @@ def test_extract_math_answer_prefers_box_then_answer_line():
     assert extract_math_answer("The final answer is 3.\nAlso \\boxed{4}") == "4"
     assert extract_math_answer("work...\nThe final answer is $3\\sqrt{2}$.\nI hope it is correct.") == "$3\\sqrt{2}$"
     assert extract_math_answer("Answer: 12") == "12"
+    # The last statement counts, not the first ("The answer is" earlier in the reasoning).
+    assert extract_math_answer("The answer is $x$ if...\nso\nThe final answer is \\text{(C)}.") == "\\text{(C)}"
+    assert extract_math_answer("The final answer is:\n$$5$$") == "$$5$$"
     assert extract_math_answer("no conclusion") is None
 
 
@@ -67,6 +70,8 @@ def test_extract_math_answer_prefers_box_then_answer_line():
         ("The answer is $6-5i$.", "6 - 5i"),
         (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}"),
         (r"\boxed{1, -2}", "1,-2"),
+        ("The answer is $x$ when...\nThe final answer is \\text{(C)}.", r"\text{(C)}"),
+        ("so we get\nThe final answer is \\{1\\pm\\sqrt{5},-2\\}. I hope it is correct.", r"\{1\pm\sqrt{5},-2\}"),
     ],
 )
 def test_math_answer_correct_accepts(prediction, gold):
