@@ -36,7 +36,7 @@ MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "z
 # \boxed{...}
 # ---------------------------------------------------------------------------------------------------------------
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*")
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*")  # not "\boxedx", another macro
 
 
 def _balanced_braces(text: str, start: int) -> str | None:
