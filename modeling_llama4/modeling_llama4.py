@@ -442,7 +442,11 @@ def add_router_losses(
     """(loss + coefficients x router losses, balancing loss, z-loss); losses only where router logits exist."""
     if not router_logits:
         return loss, None, None
-    token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None and attention_mask.ndim == 2 else None
+    token_mask = None
+    if attention_mask is not None and attention_mask.ndim == 2:
+        # With a cache the 2-D mask also covers the cached tokens; the routers only saw the ones just run.
+        num_new = router_logits[0].shape[0] // attention_mask.shape[0]
+        token_mask = attention_mask[:, -num_new:].reshape(-1).bool()
     aux_loss = router_load_balancing_loss(router_logits, config.num_experts_per_tok, token_mask)
     z_loss = router_z_loss(router_logits, token_mask)
     if loss is not None:

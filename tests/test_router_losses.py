@@ -56,6 +56,25 @@ def test_model_adds_weighted_router_losses_when_labels_are_given():
     assert counts.shape == (len(config.moe_layers), 4) and (counts.sum(-1) == 36).all()
 
 
+def test_router_losses_during_cached_decoding_mask_only_the_new_tokens():
+    # Trainers (TRL's SFT) switch output_router_logits on in the config; generation must still work: each decode
+    # step's routers see one token per row while the 2-D mask covers the whole cache.
+    config = Llama4TextConfig(**tiny_text_kwargs(output_router_logits=True))
+    model = Llama4ForCausalLM(config).eval()
+    input_ids = torch.randint(3, 96, (2, 6))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0
+    generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, 10)
+    prefill = model(input_ids, attention_mask=attention_mask, use_cache=True)
+    step = model(
+        generated[:, 6:7], attention_mask=torch.cat([attention_mask, torch.ones(2, 1, dtype=torch.long)], 1),
+        cache=prefill.cache, use_cache=True,
+    )  # fmt: skip
+    expected = router_load_balancing_loss(step.router_logits, 1, torch.ones(2, dtype=torch.bool))
+    torch.testing.assert_close(step.aux_loss, expected)
+
+
 def _load_imbalance(model, batch) -> float:
     with torch.no_grad():
         logits = model(batch, output_router_logits=True).router_logits
