@@ -16,6 +16,15 @@ FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Generation on a 0.5M-parameter model is all small ops: extra threads only contend on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
