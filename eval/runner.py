@@ -15,7 +15,7 @@ from .generation import generate_completions
 from .grading import aggregate_scores
 from .tasks import TASKS, DataSource, DataUnavailableError, Example, Task, get_task
 
-__all__ = ["SampleCache", "build_parser", "evaluate_task", "load_model", "main"]
+__all__ = ["SampleCache", "build_parser", "evaluate_task", "load_examples", "load_model", "main"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,7 +96,9 @@ def load_model(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _apply_limit(task: Task, examples: list[Example], limit: int | None) -> list[Example]:
+def load_examples(task: Task, source: DataSource, limit: int | None = None) -> list[Example]:
+    """The task's examples, the first `limit` of them (per language for multilingual tasks)."""
+    examples = task.load(source)
     if limit is None:
         return examples
     if not task.limit_per_subset:
@@ -114,10 +116,9 @@ def evaluate_task(
     task: Task,
     model,
     tokenizer,
-    source: DataSource,
+    examples: list[Example],
     output_dir: Path,
     *,
-    limit: int | None = None,
     num_samples: int = 1,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -129,7 +130,6 @@ def evaluate_task(
     model_name: str = "",
 ) -> dict:
     """Generate (skipping examples already in the cache), grade, and return the task's scores."""
-    examples = _apply_limit(task, task.load(source), limit)
     settings = {
         "model": model_name,
         "max_new_tokens": max_new_tokens or task.max_new_tokens,
@@ -278,8 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    tasks = [get_task(name.strip()) for name in args.tasks.split(",") if name.strip()]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        tasks = [get_task(name.strip()) for name in args.tasks.split(",") if name.strip()]
+    except ValueError as error:
+        parser.error(str(error))
     temperature = args.temperature if args.temperature is not None else (0.0 if args.num_samples == 1 else 0.6)
     if args.num_samples > 1 and temperature == 0:
         print("warning: --num_samples > 1 with --temperature 0 gives n identical greedy samples", file=sys.stderr)
@@ -293,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     output_dir = args.output_dir or Path("outputs") / "eval" / Path(args.model.rstrip("/")).name
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    # Data first: a missing dataset should fail in seconds, not after loading a 100B-parameter model.
+    try:
+        examples = {task.name: load_examples(task, source, args.limit) for task in tasks}
+    except DataUnavailableError as error:
+        raise SystemExit(f"error: {error}") from error
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.device_map)
     results = {
         "model": args.model,
@@ -307,26 +316,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "tasks": {},
     }
     for task in tasks:
-        try:
-            results["tasks"][task.name] = evaluate_task(
-                task,
-                model,
-                tokenizer,
-                source,
-                output_dir,
-                limit=args.limit,
-                num_samples=args.num_samples,
-                temperature=temperature,
-                top_p=args.top_p,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                ks=ks,
-                progress=not args.no_progress,
-                model_name=args.model,
-            )
-        except DataUnavailableError as error:
-            raise SystemExit(f"error: {task.name}: {error}") from error
+        results["tasks"][task.name] = evaluate_task(
+            task,
+            model,
+            tokenizer,
+            examples[task.name],
+            output_dir,
+            num_samples=args.num_samples,
+            temperature=temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            ks=ks,
+            progress=not args.no_progress,
+            model_name=args.model,
+        )
         # Written after every task, so a crash in a later one keeps the finished scores.
         (output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         write_markdown(results, output_dir / "results.md")

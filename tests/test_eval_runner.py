@@ -176,6 +176,6 @@ def test_num_samples_reports_pass_and_maj_at_k(tiny_dir, tmp_path):
     assert [len(c["completions"]) for c in cached] == [4, 4]
 
 
-def test_missing_data_exits_with_the_fix(tiny_dir, tmp_path):
+def test_missing_data_exits_with_the_fix_before_loading_the_model(tmp_path):
     with pytest.raises(SystemExit, match="--data_dir must contain math500/test.jsonl"):
-        main(["--model", str(tiny_dir), "--tasks", "math500", "--data_dir", str(tmp_path), "--no_progress"])
+        main(["--model", str(tmp_path / "no-model"), "--tasks", "math500", "--data_dir", str(tmp_path)])
