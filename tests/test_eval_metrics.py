@@ -74,3 +74,19 @@ def test_mgsm_accuracy_numeric_references(metrics):
     assert metrics["mgsm_accuracy"].compute(predictions=["The answer is 1,000"], references=[1000.0]) == {
         "accuracy": 1.0
     }
+
+
+def test_each_task_grades_like_its_metric_module(metrics):
+    # The runner grades with Task.grade; users score saved outputs with the metric module it names. Same answers.
+    from eval.tasks import TASKS, DataSource
+
+    source = DataSource(data_dir=Path(__file__).parent / "fixtures" / "eval", languages=("de", "zh"))
+    outputs = [r"\boxed{2}", "The best answer is B", "Die Antwort lautet 2.125.", "答案：18", "Answer: C", "no idea"]
+    for task in TASKS.values():
+        if task.name == "global_mmlu":
+            source = DataSource(data_dir=source.data_dir)
+        for example in task.load(source)[:4]:
+            for output in outputs + [example.gold]:
+                kwargs = {"languages": [example.subset]} if task.metric == "mgsm_accuracy" else {}
+                scored = metrics[task.metric].compute(predictions=[output], references=[example.gold], **kwargs)
+                assert scored["accuracy"] == float(task.grade(output, example)[0]), (task.name, example.id, output)
