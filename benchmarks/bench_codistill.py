@@ -1,0 +1,205 @@
+"""Does codistillation beat hard labels? The same student, the same data and steps, with and without a teacher.
+
+    python benchmarks/bench_codistill.py            # teacher trained once and cached in --output_dir
+    python benchmarks/bench_codistill.py --quick    # a smoke run of every code path (minutes; numbers meaningless)
+
+On the bundled synthetic task (recipes/synthetic.py): a teacher wider than the student (hidden 256 vs 128) is
+trained longer on a large corpus of worked problems; then one student initialisation is trained for the same steps
+on a smaller corpus:
+
+- `hard`: TRL's `SFTTrainer`, cross-entropy to the labels only;
+- `codistill (adaptive)`: `CoDistillationTrainer`, w = s(t) * 1[teacher right] * p_teacher(label), s: 1 -> 0.5;
+- `codistill (schedule)`: w = s(t) on every token;
+- `codistill (top-k files)`: adaptive, from the teacher's top-k log-probs written to disk beforehand.
+
+Reported on held-out problems (never in any training split): greedy accuracy (generation + `math_answer_correct`)
+per level and the cross-entropy of the reference completions. Writes `results.json` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import pad
+
+from eval.generation import generate_completions
+from eval.grading import math_answer_correct
+from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from recipes.synthetic import arithmetic_problems, pretraining_corpus
+from recipes.trainers import CoDistillationConfig, CoDistillationTrainer, tokenize_like_sft, write_teacher_topk
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "hub_configs" / "tiny"
+STUDENT = dict(
+    attention_chunk_size=128, hidden_size=128, intermediate_size=128, intermediate_size_mlp=256, head_dim=32
+)
+TEACHER = dict(
+    attention_chunk_size=128, hidden_size=256, intermediate_size=256, intermediate_size_mlp=512, head_dim=32,
+    num_attention_heads=8, num_key_value_heads=4,
+)  # fmt: skip
+LEVELS = (1, 2)
+
+
+def train_args(config_class, output_dir: Path, **overrides):
+    defaults = dict(
+        output_dir=str(output_dir), use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=25,
+        max_length=160, learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.0, seed=0,
+        disable_tqdm=True, router_aux_loss_coef=0.001,
+    )  # fmt: skip
+    return config_class(**{**defaults, **overrides})
+
+
+def train_teacher(tokenizer, args, folder: Path) -> Llama4ForCausalLM:
+    """The teacher, trained once and cached in `folder` (retrained when its settings change)."""
+    settings = {"shape": TEACHER, "steps": args.teacher_steps, "batch": args.teacher_batch, "levels": LEVELS}
+    marker = folder / "bench_settings.json"
+    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(settings)):
+        print(f"teacher: cached in {folder}")
+        return Llama4ForCausalLM.from_pretrained(folder)
+    torch.manual_seed(1)
+    teacher = Llama4ForCausalLM(Llama4TextConfig.from_pretrained(TINY, **TEACHER))
+    corpus = pretraining_corpus(tokenizer, args.teacher_steps * args.teacher_batch, seed=1, levels=LEVELS)
+    config = train_args(
+        SFTConfig, folder / "run", max_steps=args.teacher_steps, per_device_train_batch_size=args.teacher_batch
+    )
+    start = time.time()
+    SFTTrainer(model=teacher, args=config, train_dataset=corpus, processing_class=tokenizer).train()
+    print(f"teacher: {args.teacher_steps} steps x {args.teacher_batch} in {time.time() - start:.0f} s")
+    teacher.save_pretrained(folder)
+    marker.write_text(json.dumps(settings))
+    return teacher
+
+
+@torch.no_grad()
+def heldout_cross_entropy(model, tokenizer, test: Dataset) -> float:
+    """Mean cross-entropy (nats/token) of the reference completions of held-out problems, prompts as context."""
+    rows = tokenize_like_sft(test, tokenizer, train_args(SFTConfig, Path("unused")))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), 50):
+        batch = rows[start : start + 50]
+        ids = pad([torch.tensor(r) for r in batch["input_ids"]], padding_value=tokenizer.pad_token_id)
+        labels = pad([torch.tensor(r) for r in batch["labels"]], padding_value=-100)[:, 1:]
+        mask = pad([torch.ones(len(r), dtype=torch.long) for r in batch["input_ids"]], padding_value=0)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        keep = labels != -100
+        total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+        count += keep.sum().item()
+    model.train(was_training)
+    return total / count
+
+
+def evaluate(model, tokenizer, test: Dataset) -> dict[str, Any]:
+    outputs = generate_completions(
+        model, tokenizer, list(test["prompt"]), max_new_tokens=40, batch_size=100, progress=False
+    )
+    correct = [math_answer_correct(samples[0], gold) for samples, gold in zip(outputs, test["answer"])]
+    by_level = {
+        level: sum(c for c, lv in zip(correct, test["level"]) if lv == level) / test["level"].count(level)
+        for level in LEVELS
+    }
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "accuracy_by_level": by_level,
+        "heldout_ce": heldout_cross_entropy(model, tokenizer, test),
+    }
+
+
+def train_student(arm: str, teacher, tokenizer, corpus: Dataset, args, out: Path) -> tuple[Any, dict[str, Any]]:
+    torch.manual_seed(0)
+    student = Llama4ForCausalLM(Llama4TextConfig.from_pretrained(TINY, **STUDENT))
+    common = dict(max_steps=args.steps, per_device_train_batch_size=args.batch)
+    distill = dict(temperature=args.temperature, soft_weight_start=1.0, soft_weight_end=0.5)
+    start = time.time()
+    if arm == "hard":
+        trainer = SFTTrainer(
+            model=student, args=train_args(SFTConfig, out / arm, **common), train_dataset=corpus,
+            processing_class=tokenizer,
+        )  # fmt: skip
+    elif arm == "topk":
+        store = out / "teacher_topk"
+        config = train_args(CoDistillationConfig, out / arm, teacher_logits_path=str(store), **common, **distill)
+        write_teacher_topk(
+            teacher, tokenizer, corpus, store, args=config, top_k=args.top_k, temperature=args.temperature
+        )
+        trainer = CoDistillationTrainer(model=student, args=config, train_dataset=corpus, processing_class=tokenizer)
+    else:
+        config = train_args(CoDistillationConfig, out / arm, weighting=arm, **common, **distill)
+        trainer = CoDistillationTrainer(
+            model=student, teacher_model=teacher, args=config, train_dataset=corpus, processing_class=tokenizer
+        )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    summary = {"train_seconds": time.time() - start, "last_log": logs[-1] if logs else {}}
+    return student, summary
+
+
+ARMS = {
+    "hard": "hard labels only (SFTTrainer)",
+    "adaptive": "codistill, adaptive w",
+    "schedule": "codistill, schedule w",
+    "topk": "codistill, adaptive w, top-k files",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/bench_codistill")
+    parser.add_argument("--teacher_steps", type=int, default=300)
+    parser.add_argument("--teacher_batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=150, help="student steps, every arm")
+    parser.add_argument("--batch", type=int, default=16, help="student batch, every arm")
+    parser.add_argument("--student_documents", type=int, default=512, help="size of the students' corpus")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=32)
+    parser.add_argument("--heldout", type=int, default=200)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code paths, not the claim")
+    args = parser.parse_args()
+    if args.quick:
+        args.teacher_steps, args.steps, args.student_documents, args.heldout = 4, 3, 32, 8
+        args.output_dir += "_quick"
+    torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    start = time.time()
+    teacher = train_teacher(tokenizer, args, out / "teacher")
+    test = arithmetic_problems("test", args.heldout, levels=LEVELS)
+    corpus = pretraining_corpus(tokenizer, args.student_documents, seed=2, levels=LEVELS)
+    results: dict[str, Any] = {"settings": vars(args), "teacher": evaluate(teacher, tokenizer, test)}
+    print(f"teacher: {results['teacher']}", flush=True)
+    for arm in args.arms.split(","):
+        student, summary = train_student(arm, teacher, tokenizer, corpus, args, out)
+        results[arm] = {**evaluate(student, tokenizer, test), **summary}
+        print(f"{arm}: {json.dumps({k: v for k, v in results[arm].items() if k != 'last_log'})}", flush=True)
+    results["total_seconds"] = time.time() - start
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+    print(
+        f"\n{args.steps} student steps x batch {args.batch} on {args.student_documents} documents; held-out n={args.heldout}"
+    )
+    print("\n| model | held-out accuracy | level 1 | level 2 | held-out CE (nats/token) |")
+    print("|---|---|---|---|---|")
+    rows = [("teacher (hidden 256, trained longer)", results["teacher"])]
+    rows += [(ARMS[arm], results[arm]) for arm in args.arms.split(",")]
+    for name, r in rows:
+        levels = " | ".join(f"{r['accuracy_by_level'][lv]:.1%}" for lv in LEVELS)
+        print(f"| {name} | {r['accuracy']:.1%} | {levels} | {r['heldout_ce']:.3f} |")
+    print(f"\ntotal {results['total_seconds'] / 60:.1f} min")
+    assert all(math.isfinite(results[a]["heldout_ce"]) for a in args.arms.split(","))
+
+
+if __name__ == "__main__":
+    main()

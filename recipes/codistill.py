@@ -1,0 +1,124 @@
+"""Codistillation: a student learns from a teacher's soft targets and the hard labels, balanced per token.
+
+    accelerate launch recipes/codistill.py --config recipes/configs/codistill_tiny.yaml \
+        --teacher_model_name_or_path PATH [--model_name_or_path PATH]
+
+The loss and its w_t rule live in `recipes/trainers/codistill_trainer.py` (`CoDistillationTrainer`); this script is
+glue. Teachers:
+
+- online (`teacher_model_name_or_path`): a bigger model run beside the student on every batch;
+- precomputed (`teacher_logits_path`): with a teacher given too, its top-k log-probs are first written there
+  (resumable; `--write_teacher_logits_only true` stops after that, e.g. on the teacher's own machines), then the
+  student trains from the files alone;
+- sequence-level (`--seq_kd true`): the teacher's completions of the train prompts become the targets.
+
+Re-running a killed command resumes from the last complete checkpoint; `--push_to_hub` uploads once at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from recipes.common import (
+    TaskArguments,
+    defer_hub_push,
+    heldout_accuracy,
+    load_model,
+    model_and_tokenizer,
+    save_and_push,
+    task_datasets,
+    train_resumably,
+    write_json_atomic,
+)
+from recipes.trainers import CoDistillationConfig, CoDistillationTrainer, write_teacher_topk
+
+
+@dataclass
+class CoDistillScriptArguments(TaskArguments):
+    teacher_config_overrides: dict | str | None = field(
+        default=None, metadata={"help": "Config fields (JSON or YAML mapping) for a teacher built from a config."}
+    )
+    teacher_from_scratch: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the teacher freshly initialised from its config (smoke runs only: it knows nothing)."
+        },
+    )
+    teacher_logits_top_k: int = field(default=32, metadata={"help": "Top-k kept when writing teacher logits."})
+    teacher_logits_shard_size: int = field(default=1024, metadata={"help": "Rows per teacher-logits shard."})
+    write_teacher_logits_only: bool = field(
+        default=False, metadata={"help": "Write the teacher logits to teacher_logits_path, then exit."}
+    )
+
+
+def load_teacher_model(script_args: CoDistillScriptArguments, training_args: CoDistillationConfig, model_args):
+    teacher_args = dataclasses.replace(
+        script_args,
+        model_config_overrides=script_args.teacher_config_overrides,
+        from_scratch=script_args.teacher_from_scratch,
+    )
+    dtype = (training_args.teacher_model_init_kwargs or {}).get("dtype", model_args.dtype)
+    return load_model(
+        training_args.teacher_model_name_or_path,
+        teacher_args,
+        dtype=dtype,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+
+
+def main(
+    script_args: CoDistillScriptArguments, training_args: CoDistillationConfig, model_args: ModelConfig
+) -> dict[str, Any]:
+    model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
+    train, heldout = task_datasets(script_args)
+    train = train.select_columns(["prompt", "completion"] + (["answer"] if training_args.seq_kd else []))
+    output_dir = Path(training_args.output_dir)
+
+    teacher = None
+    if training_args.teacher_model_name_or_path:
+        teacher = load_teacher_model(script_args, training_args, model_args)
+    if training_args.teacher_logits_path and teacher is not None:
+        counts = write_teacher_topk(
+            teacher, tokenizer, train, training_args.teacher_logits_path, args=training_args,
+            top_k=script_args.teacher_logits_top_k, temperature=training_args.temperature,
+            shard_size=script_args.teacher_logits_shard_size,
+        )  # fmt: skip
+        print(f"teacher logits in {training_args.teacher_logits_path}: {counts}")
+        if script_args.write_teacher_logits_only:
+            return {"teacher_logits": counts}
+        # From here the files are the teacher: the model need not stay in memory beside the student.
+        teacher, training_args.teacher_model_name_or_path = None, None
+
+    defer_hub_push(training_args)
+    trainer = CoDistillationTrainer(
+        model=model,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    train_resumably(trainer, training_args)
+    results: dict[str, Any] = {}
+    if heldout is not None:
+        results["heldout"] = heldout_accuracy(
+            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
+            batch_size=script_args.heldout_batch_size,
+        )  # fmt: skip
+        print(f"held-out accuracy after codistillation: {results['heldout']['accuracy']:.1%}")
+    accuracy = results.get("heldout", {}).get("accuracy")
+    save_and_push(
+        trainer, training_args, "codistillation", {"heldout_accuracy": accuracy} if accuracy is not None else None
+    )
+    write_json_atomic(output_dir / "results.json", results)
+    return {**results, "log_history": trainer.state.log_history}
+
+
+if __name__ == "__main__":
+    parser = TrlParser((CoDistillScriptArguments, CoDistillationConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

@@ -1,0 +1,99 @@
+"""Configuration of the codistillation trainer: TRL's `SFTConfig` plus the teacher and the soft/hard balance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+WEIGHTINGS = ("schedule", "adaptive")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class CoDistillationConfig(SFTConfig):
+    r"""
+    Configuration for [`CoDistillationTrainer`]: every [`~trl.SFTConfig`] field (data handling, completion-only and
+    assistant-only masks, packing, `router_aux_loss_coef`) plus the fields below.
+
+    The per-token loss is `w * soft + (1 - w) * hard` (plus the router losses), with
+
+    - `soft = T^2 * KL(p_teacher^T || p_student^T)`, `p^T = softmax(logits / T)`, over the full vocabulary for an
+      online teacher and over the stored top-k plus one tail bucket for precomputed teacher logits;
+    - `hard = -log p_student(label)` (at T = 1);
+    - `w = s(t)` with `weighting="schedule"`, where `s(t)` goes from `soft_weight_start` to `soft_weight_end` over
+      training along `soft_weight_schedule`;
+    - `w = s(t) * 1[argmax p_teacher = label] * p_teacher(label) * 1[p_teacher(label) >= teacher_confidence_threshold]`
+      with `weighting="adaptive"` (teacher probabilities at T = 1): the soft target is trusted where the teacher is
+      right and sure, the label takes over where it is wrong or unsure.
+
+    Parameters:
+        temperature (`float`, defaults to `1.0`): softmax temperature T of the soft term (the KL is scaled by T^2 so
+            that its gradients keep their size as T changes).
+        weighting (`str`, defaults to `"adaptive"`): `"schedule"` or `"adaptive"` (see above).
+        soft_weight_start / soft_weight_end (`float`, default `1.0` / `0.5`): s(t) at the first and last step.
+        soft_weight_schedule (`str`, defaults to `"linear"`): `"constant"` (always `soft_weight_start`), `"linear"`
+            or `"cosine"`.
+        teacher_confidence_threshold (`float`, defaults to `0.0`): adaptive mode only; tokens where the teacher gives
+            the label less probability than this get the hard target alone.
+        teacher_model_name_or_path / teacher_model_init_kwargs: the online teacher when the trainer gets a path.
+        teacher_logits_path (`str`, *optional*): a directory written by `write_teacher_topk`; replaces the online
+            teacher.
+        seq_kd (`bool`, defaults to `False`): sequence-level distillation: before training, the teacher's completions
+            of the train prompts replace the dataset's completions as the targets.
+        seq_kd_max_new_tokens / seq_kd_temperature / seq_kd_batch_size: generation settings for `seq_kd`
+            (temperature 0: greedy).
+        seq_kd_keep_gold_when_wrong (`bool`, defaults to `False`): with an `answer` column, keep the dataset's own
+            completion where the teacher's final answer is wrong.
+    """
+
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the soft (KL) term."})
+    weighting: str = field(
+        default="adaptive", metadata={"help": "How w (the soft-target weight) is set: 'schedule' or 'adaptive'."}
+    )
+    soft_weight_start: float = field(default=1.0, metadata={"help": "Soft-target weight s(t) at the first step."})
+    soft_weight_end: float = field(default=0.5, metadata={"help": "Soft-target weight s(t) at the last step."})
+    soft_weight_schedule: str = field(
+        default="linear", metadata={"help": "Shape of s(t): 'constant', 'linear' or 'cosine'."}
+    )
+    teacher_confidence_threshold: float = field(
+        default=0.0,
+        metadata={"help": "Adaptive weighting: hard target alone where the teacher's p(label) is below this."},
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Online teacher (path or Hub id) when the trainer is given none."}
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for the teacher's `from_pretrained` (JSON on the CLI)."}
+    )
+    teacher_logits_path: str | None = field(
+        default=None, metadata={"help": "Directory of precomputed top-k teacher log-probs (`write_teacher_topk`)."}
+    )
+    seq_kd: bool = field(
+        default=False, metadata={"help": "Train on the teacher's own completions of the prompts (sequence-level)."}
+    )
+    seq_kd_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget per seq_kd completion."})
+    seq_kd_temperature: float = field(default=0.0, metadata={"help": "seq_kd sampling temperature (0: greedy)."})
+    seq_kd_batch_size: int = field(default=16, metadata={"help": "Sequences per generate call for seq_kd."})
+    seq_kd_keep_gold_when_wrong: bool = field(
+        default=False,
+        metadata={
+            "help": "seq_kd: keep the dataset's completion where the teacher's answer is wrong (needs `answer`)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.teacher_model_init_kwargs, str):
+            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.soft_weight_schedule not in SCHEDULES:
+            raise ValueError(f"soft_weight_schedule must be one of {SCHEDULES}, got {self.soft_weight_schedule!r}")
+        for name in ("soft_weight_start", "soft_weight_end", "teacher_confidence_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
