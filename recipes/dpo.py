@@ -1,0 +1,93 @@
+"""Lightweight DPO on pairs built from the policy's own samples (Llama 4's last post-training stage).
+
+    accelerate launch recipes/dpo.py --config recipes/configs/dpo_tiny.yaml --model_name_or_path PATH
+
+The policy answers each prompt `pair_samples` times (cached under `<output_dir>/pair_cache`); the answers are
+graded by the rewards (correctness + format) and each prompt with a better and a worse answer gives a pair
+(chosen = better, rejected = worse). TRL's `DPOTrainer` trains on them against a frozen copy of the starting
+policy as the reference. Re-running a killed command resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+
+from recipes.common import (
+    REWARD_FUNCTIONS,
+    TaskArguments,
+    defer_hub_push,
+    heldout_accuracy,
+    model_and_tokenizer,
+    save_and_push,
+    task_datasets,
+    train_resumably,
+    write_json_atomic,
+)
+from recipes.preferences import preference_pairs, total_reward
+from recipes.sampling import cached_samples
+
+
+@dataclass
+class DPOScriptArguments(TaskArguments):
+    pair_samples: int = field(default=4, metadata={"help": "Policy samples per prompt to build pairs from."})
+    pair_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for the pair samples."})
+    pair_max_new_tokens: int = field(default=48, metadata={"help": "Generation budget per sampled answer."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy_reward", "format_reward"],
+        metadata={"help": f"Rewards that grade the samples, from {sorted(REWARD_FUNCTIONS)}."},
+    )
+
+
+def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict[str, Any]:
+    model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
+    train, heldout = task_datasets(script_args)
+    output_dir = Path(training_args.output_dir)
+    samples = cached_samples(
+        model, tokenizer, list(train["prompt"]), num_samples=script_args.pair_samples,
+        cache_dir=output_dir / "pair_cache", temperature=script_args.pair_temperature,
+        max_new_tokens=script_args.pair_max_new_tokens, batch_size=script_args.heldout_batch_size,
+        seed=training_args.seed, desc="preference samples",
+    )  # fmt: skip
+    reward = total_reward(*(REWARD_FUNCTIONS[name] for name in script_args.reward_funcs))
+    pairs, report = preference_pairs(train, samples, reward)
+    print(f"built {report['pairs']} preference pairs from {report['prompts']} prompts")
+    if len(pairs) == 0:
+        raise ValueError(
+            "no preference pairs: every prompt's samples score the same; sample more (--pair_samples) or at a "
+            "higher --pair_temperature, or use prompts of mixed difficulty"
+        )
+    defer_hub_push(training_args)
+    peft_config = get_peft_config(model_args)
+    # TRL would rebuild the reference from the checkpoint path with transformers' built-in class (see tests):
+    # hand it a frozen copy of our starting policy instead (not needed with PEFT: adapters off is the reference).
+    ref_model = None if peft_config is not None else copy.deepcopy(model).eval().requires_grad_(False)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    train_resumably(trainer, training_args)
+    results: dict[str, Any] = {"pairs": report}
+    if heldout is not None:
+        results["heldout"] = heldout_accuracy(
+            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
+            batch_size=script_args.heldout_batch_size,
+        )  # fmt: skip
+        print(f"held-out accuracy after DPO: {results['heldout']['accuracy']:.1%}")
+    accuracy = results.get("heldout", {}).get("accuracy")
+    save_and_push(trainer, training_args, "dpo", {"heldout_accuracy": accuracy} if accuracy is not None else None)
+    write_json_atomic(output_dir / "results.json", results)
+    return {**results, "log_history": trainer.state.log_history}
+
+
+if __name__ == "__main__":
+    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

@@ -1,0 +1,77 @@
+"""Online RL with hard-prompt sampling, adaptive filtering and a curriculum (Llama 4's second post-training stage).
+
+    accelerate launch recipes/online_rl.py --config recipes/configs/online_rl_tiny.yaml --model_name_or_path PATH
+
+GRPO (TRL) with the extensions in `recipes/rl.py`: prompts are drawn by their running pass rate, groups whose
+rewards all agree are dropped and refilled, and a difficulty cap rises over training. Rewards: answer correctness
+(math-verify through `eval.grading`) and format (one `\\boxed{}` answer at the end). Re-running a killed command
+resumes from the last complete checkpoint, pass-rate statistics included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from recipes.common import (
+    REWARD_FUNCTIONS,
+    TaskArguments,
+    defer_hub_push,
+    heldout_accuracy,
+    model_and_tokenizer,
+    save_and_push,
+    task_datasets,
+    train_resumably,
+    write_json_atomic,
+)
+from recipes.rl import OnlineRLConfig, OnlineRLTrainer
+
+
+@dataclass
+class OnlineRLScriptArguments(TaskArguments):
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy_reward", "format_reward"],
+        metadata={"help": f"Reward functions, from {sorted(REWARD_FUNCTIONS)}."},
+    )
+
+
+def main(
+    script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig, model_args: ModelConfig
+) -> dict[str, Any]:
+    unknown = sorted(set(script_args.reward_funcs) - set(REWARD_FUNCTIONS))
+    if unknown:
+        raise ValueError(f"unknown reward functions {unknown}; choose from {sorted(REWARD_FUNCTIONS)}")
+    model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
+    tokenizer.padding_side = "left"
+    train, heldout = task_datasets(script_args)
+    defer_hub_push(training_args)
+    trainer = OnlineRLTrainer(
+        model=model,
+        reward_funcs=[REWARD_FUNCTIONS[name] for name in script_args.reward_funcs],
+        args=training_args,
+        train_dataset=train.remove_columns([c for c in ("completion",) if c in train.column_names]),
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    train_resumably(trainer, training_args)
+    results: dict[str, Any] = {}
+    if heldout is not None:
+        results["heldout"] = heldout_accuracy(
+            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
+            batch_size=script_args.heldout_batch_size,
+        )  # fmt: skip
+        print(f"held-out accuracy after online RL: {results['heldout']['accuracy']:.1%}")
+    accuracy = results.get("heldout", {}).get("accuracy")
+    save_and_push(
+        trainer, training_args, "online_rl", {"heldout_accuracy": accuracy} if accuracy is not None else None
+    )
+    write_json_atomic(Path(training_args.output_dir) / "results.json", results)
+    return {**results, "log_history": trainer.state.log_history}
+
+
+if __name__ == "__main__":
+    parser = TrlParser((OnlineRLScriptArguments, OnlineRLConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

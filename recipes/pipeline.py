@@ -1,0 +1,186 @@
+"""The Llama 4 recipe end to end: pretraining, then lightweight SFT > online RL > lightweight DPO.
+
+    python recipes/pipeline.py --config recipes/configs/pipeline_tiny.yaml --output_dir outputs/pipeline_tiny
+
+Each stage is one of the recipes (`pretrain.py`, `sft.py`, `online_rl.py`, `dpo.py`) run with its own YAML plus
+the overrides under `stages:` in the pipeline YAML, starting from the previous stage's model and writing to
+`<output_dir>/<stage>`. After every stage the model is evaluated on the held-out split. The pipeline writes
+`<output_dir>/results.json` (`{"stages": [{"name", "accuracy", ...}]}`), `report.md` and `results.png`
+(accuracy per stage and the loss curves). Killed and started again, it skips finished stages and the running
+stage resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
+
+from recipes import dpo, online_rl, pretrain, sft
+from recipes.common import write_json_atomic
+from recipes.rl import OnlineRLConfig
+
+# name -> (script arguments, training config, entry point)
+STAGES = {
+    "pretrain": (pretrain.PretrainScriptArguments, SFTConfig, pretrain.main),
+    "sft": (sft.SFTScriptArguments, SFTConfig, sft.main),
+    "online_rl": (online_rl.OnlineRLScriptArguments, OnlineRLConfig, online_rl.main),
+    "dpo": (dpo.DPOScriptArguments, DPOConfig, dpo.main),
+}
+
+
+@dataclass
+class PipelineArguments:
+    output_dir: str = field(default="outputs/pipeline_tiny", metadata={"help": "Where every stage writes."})
+    model_name_or_path: str = field(
+        default="hub_configs/tiny", metadata={"help": "Config (pretraining from scratch) or model to start from."}
+    )
+    stages: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "Ordered stages: each a mapping with `name` (pretrain, sft, online_rl, dpo), `config` (that "
+            "recipe's YAML) and any of its arguments as overrides."
+        },
+    )
+    shared: dict | None = field(
+        default=None, metadata={"help": "Arguments given to every stage (e.g. the held-out split size, seed)."}
+    )
+
+
+def _flags(arguments: dict[str, Any]) -> list[str]:
+    flags = []
+    for key, value in arguments.items():
+        if isinstance(value, dict):
+            flags += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip()]
+        elif isinstance(value, list):
+            flags += [f"--{key}", *map(str, value)]
+        else:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def run_stage(spec: dict[str, Any], model_path: str, output_dir: Path, shared: dict[str, Any]) -> dict[str, Any]:
+    """Run one recipe in this process; returns its results (read back from disk when already finished)."""
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
+    results_path = output_dir / "stage_results.json"
+    if results_path.is_file():
+        print(f"[{name}] finished before: {results_path}")
+        return json.loads(results_path.read_text(encoding="utf-8"))
+    script_cls, config_cls, entry = STAGES[name]
+    config_file = spec.pop("config", None)
+    arguments = {**shared, **spec, "output_dir": str(output_dir)}
+    arguments["model_name_or_path"] = model_path
+    argv = (["--config", config_file] if config_file else []) + _flags(arguments)
+    script_args, training_args, model_args = TrlParser((script_cls, config_cls, ModelConfig)).parse_args_and_config(
+        argv
+    )
+    print(f"[{name}] {' '.join(argv)}")
+    start = time.perf_counter()
+    results = entry(script_args, training_args, model_args)
+    results["seconds"] = time.perf_counter() - start
+    write_json_atomic(results_path, results)
+    return results
+
+
+def summarize(name: str, results: dict[str, Any]) -> dict[str, Any]:
+    heldout = results.get("heldout", {})
+    losses = [(entry["step"], entry["loss"]) for entry in results.get("log_history", []) if "loss" in entry]
+    summary = {
+        "name": name,
+        "accuracy": heldout.get("accuracy"),
+        "accuracy_by_level": heldout.get("accuracy_by_level"),
+        "accuracy_by_language": heldout.get("accuracy_by_language"),
+        "boxed_rate": heldout.get("boxed_rate"),
+        "seconds": round(results.get("seconds", 0.0), 1),
+        "final_loss": losses[-1][1] if losses else None,
+        "loss_curve": losses,
+    }
+    for key in ("filter", "pairs"):
+        if key in results:
+            summary[key] = results[key]
+    rewards = [entry["reward"] for entry in results.get("log_history", []) if "reward" in entry]
+    if rewards:
+        summary["reward_curve"] = rewards
+    return summary
+
+
+def write_report(output_dir: Path, stages: list[dict[str, Any]]) -> None:
+    write_json_atomic(output_dir / "results.json", {"stages": stages})
+    lines = [
+        "# Llama 4 pipeline report",
+        "",
+        "Held-out accuracy (greedy pass@1) after each stage.",
+        "",
+        "| stage | accuracy | by level | boxed | final loss | time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in stages:
+        levels = ", ".join(f"{k}: {v:.0%}" for k, v in (stage["accuracy_by_level"] or {}).items())
+        loss = f"{stage['final_loss']:.3f}" if stage["final_loss"] is not None else "-"
+        lines.append(
+            f"| {stage['name']} | {stage['accuracy']:.1%} | {levels} | {stage['boxed_rate']:.0%} | {loss} | "
+            f"{stage['seconds']} |"
+        )
+    for stage in stages:
+        if "filter" in stage:
+            f = stage["filter"]
+            lines += ["", f"SFT judge filter kept {f['kept']}/{f['total']} prompts ({f['kept_fraction']:.0%})."]
+        if "pairs" in stage:
+            lines += ["", f"DPO: {stage['pairs']['pairs']} pairs from {stage['pairs']['prompts']} prompts."]
+    lines += ["", "![accuracy and losses](results.png)", ""]
+    (output_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    plot(output_dir / "results.png", stages)
+
+
+def plot(path: Path, stages: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [stage["name"] for stage in stages]
+    left.bar(names, [100 * (stage["accuracy"] or 0) for stage in stages], color="tab:blue")
+    left.set_ylabel("held-out accuracy (%)")
+    left.set_title("accuracy after each stage")
+    for stage in stages:
+        if stage["loss_curve"]:
+            steps, losses = zip(*stage["loss_curve"])
+            right.plot(steps, losses, label=stage["name"])
+    right.set_xlabel("step")
+    right.set_ylabel("training loss")
+    right.set_yscale("symlog", linthresh=0.1)
+    right.set_title("loss curves")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(args: PipelineArguments) -> list[dict[str, Any]]:
+    if not args.stages:
+        raise ValueError("no stages: give `stages:` in the pipeline YAML (see recipes/configs/pipeline_tiny.yaml)")
+    output_dir = Path(args.output_dir)
+    model_path = args.model_name_or_path
+    summaries = []
+    for spec in args.stages:
+        stage_dir = output_dir / spec["name"]
+        results = run_stage(spec, model_path, stage_dir, dict(args.shared or {}))
+        summaries.append(summarize(spec["name"], results))
+        write_report(output_dir, summaries)
+        model_path = str(stage_dir)
+        print(f"[{spec['name']}] held-out accuracy {summaries[-1]['accuracy']:.1%}")
+    print(f"results: {output_dir / 'results.json'}, report: {output_dir / 'report.md'}")
+    return summaries
+
+
+if __name__ == "__main__":
+    main(*TrlParser((PipelineArguments,)).parse_args_and_config())

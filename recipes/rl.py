@@ -1,0 +1,261 @@
+"""Online RL for Llama 4: TRL's GRPO plus the three things Meta describes and TRL lacks.
+
+1. Hard-prompt sampling. Every prompt keeps a running pass rate p = (successes + 1) / (attempts + 2) (a Beta(1, 1)
+   prior: an unseen prompt counts as p = 0.5). Prompts are drawn with weight p(1 - p) + `min_prompt_weight`, which
+   peaks at p = 0.5 and favours prompts the policy neither always nor never solves.
+2. Adaptive filtering (trl#3708). A group whose rewards all agree has zero advantage and teaches nothing; it is
+   dropped and refilled from freshly drawn prompts (up to `max_refill_rounds` extra generations) so that each
+   batch carries signal.
+3. Curriculum. With a difficulty column (`curriculum_column`, e.g. the synthetic task's `level`), only prompts at
+   or below a difficulty cap are drawn; the cap rises evenly from the easiest to the hardest level over the first
+   `curriculum_fraction` of training.
+
+The trainer draws the prompts itself when it generates (the dataloader only paces the steps), so the draw always
+sees the latest pass rates and a resumed run draws exactly what an uninterrupted one would: the pass-rate table
+and draw counter are saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOConfig, GRPOTrainer
+
+from .common import write_json_atomic
+
+STATS_FILE = "prompt_stats.json"
+
+
+@dataclass
+class OnlineRLConfig(GRPOConfig):
+    hard_prompt_sampling: bool = field(
+        default=True, metadata={"help": "Draw prompts by running pass rate p with weight p(1-p) (else uniformly)."}
+    )
+    min_prompt_weight: float = field(
+        default=0.02,
+        metadata={"help": "Weight floor, so always- or never-solved prompts still come back now and then."},
+    )
+    pass_rate_reward: str = field(
+        default="accuracy_reward", metadata={"help": "The reward function whose value counts as solved (1) or not."}
+    )
+    filter_zero_variance_groups: bool = field(
+        default=True, metadata={"help": "Drop groups whose rewards all agree and refill the batch (trl#3708)."}
+    )
+    max_refill_rounds: int = field(
+        default=2, metadata={"help": "Extra generations per step to refill dropped groups."}
+    )
+    curriculum_column: str | None = field(
+        default="level", metadata={"help": "Difficulty column for the curriculum (missing column: no curriculum)."}
+    )
+    curriculum_fraction: float = field(
+        default=0.5, metadata={"help": "Share of training over which the difficulty cap rises to the hardest level."}
+    )
+
+
+class PromptStats:
+    """Attempts and successes per prompt of the train set."""
+
+    def __init__(self, num_prompts: int):
+        self.attempts = torch.zeros(num_prompts, dtype=torch.float64)
+        self.successes = torch.zeros(num_prompts, dtype=torch.float64)
+        self.draws = 0
+
+    def pass_rates(self) -> torch.Tensor:
+        return (self.successes + 1) / (self.attempts + 2)
+
+    def update(self, indices: list[int], solved: list[float]) -> None:
+        for index, value in zip(indices, solved):
+            self.attempts[index] += 1
+            self.successes[index] += value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"attempts": self.attempts.tolist(), "successes": self.successes.tolist(), "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["attempts"]) != len(self.attempts):
+            raise ValueError(
+                f"checkpoint's prompt statistics cover {len(state['attempts'])} prompts but the train set has "
+                f"{len(self.attempts)}: resume with the same dataset arguments"
+            )
+        self.attempts = torch.tensor(state["attempts"], dtype=torch.float64)
+        self.successes = torch.tensor(state["successes"], dtype=torch.float64)
+        self.draws = state["draws"]
+
+
+# Tensors in GRPO's generation output that are padded on the left (prompts); the other 2-D ones are right padded.
+_LEFT_PADDED = {"prompt_ids", "prompt_mask"}
+
+
+class OnlineRLTrainer(GRPOTrainer):
+    """`GRPOTrainer` with hard-prompt sampling, zero-variance group filtering and a difficulty curriculum."""
+
+    def __init__(self, *args, train_dataset: Dataset, **kwargs):
+        if "prompt_index" not in train_dataset.column_names:
+            train_dataset = train_dataset.add_column("prompt_index", list(range(len(train_dataset))))
+        super().__init__(*args, train_dataset=train_dataset, **kwargs)
+        config: OnlineRLConfig = self.args
+        local_rows = config.per_device_train_batch_size * config.steps_per_generation
+        if local_rows % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size * steps_per_generation = {local_rows} must be a multiple of "
+                f"num_generations = {self.num_generations}: each process draws whole groups of prompts"
+            )
+        if config.pass_rate_reward not in self.reward_func_names:
+            raise ValueError(
+                f"pass_rate_reward {config.pass_rate_reward!r} is not among the reward functions "
+                f"{self.reward_func_names}"
+            )
+        self.prompt_stats = PromptStats(len(train_dataset))
+        column = config.curriculum_column
+        self._difficulty = (
+            torch.tensor(train_dataset[column], dtype=torch.float64)
+            if column and column in train_dataset.column_names
+            else None
+        )
+        self._last_rewards: torch.Tensor | None = None
+
+    # -- drawing prompts -----------------------------------------------------------------------------------------
+
+    def difficulty_cap(self) -> float | None:
+        """The hardest difficulty drawable now; None without a curriculum."""
+        if self._difficulty is None:
+            return None
+        levels = torch.unique(self._difficulty)
+        progress = self.state.global_step / max(1, self.state.max_steps)
+        ramp = min(1.0, progress / self.args.curriculum_fraction) if self.args.curriculum_fraction > 0 else 1.0
+        return levels[min(len(levels) - 1, int(ramp * len(levels)))].item()
+
+    def prompt_weights(self) -> torch.Tensor:
+        if self.args.hard_prompt_sampling:
+            rates = self.prompt_stats.pass_rates()
+            weights = rates * (1 - rates) + self.args.min_prompt_weight
+        else:
+            weights = torch.ones(len(self.prompt_stats.attempts), dtype=torch.float64)
+        cap = self.difficulty_cap()
+        if cap is not None:
+            weights = weights * (self._difficulty <= cap)
+        return weights
+
+    def _draw_prompts(self, num_groups: int) -> list[dict[str, Any]]:
+        """`num_groups` prompts (each repeated `num_generations` times), distinct within the draw. Seeded by the
+        draw counter and the process, so processes draw different prompts and a resumed run the same ones."""
+        weights = self.prompt_weights()
+        generator = torch.Generator().manual_seed(
+            self.args.seed * 1_000_003 + self.prompt_stats.draws * 101 + self.accelerator.process_index
+        )
+        self.prompt_stats.draws += 1
+        replacement = int((weights > 0).sum()) < num_groups
+        indices = torch.multinomial(weights, num_groups, replacement=replacement, generator=generator).tolist()
+        return [dict(self.train_dataset[index]) for index in indices for _ in range(self.num_generations)]
+
+    # -- generation, filtering, statistics ---------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if not self.model.training:
+            return rewards_per_func
+        # Gathered over processes (rows in process order): record the statistics for every process's prompts.
+        indices = gather_object([row["prompt_index"] for row in inputs])
+        solved = rewards_per_func[:, self.reward_func_names.index(self.args.pass_rate_reward)]
+        self.prompt_stats.update(indices, solved.nan_to_num(0.0).tolist())
+        start = self.accelerator.process_index * len(prompts)
+        weights = self.reward_weights.to(rewards_per_func.device)
+        self._last_rewards = (rewards_per_func[start : start + len(prompts)] * weights).nansum(dim=1)
+        return rewards_per_func
+
+    def _score(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
+        """GRPO's generation and scoring, plus which local groups carry signal (rewards not all equal)."""
+        output = super()._generate_and_score_completions(inputs)
+        grouped = self._last_rewards.view(-1, self.num_generations)
+        has_signal = (grouped.max(dim=1).values - grouped.min(dim=1).values) > 1e-6
+        return output, has_signal
+
+    def _generate_and_score_completions(self, inputs):
+        if not self.model.training:
+            return super()._generate_and_score_completions(inputs)
+        num_groups = len(inputs) // self.num_generations
+        if self.args.hard_prompt_sampling or self._difficulty is not None:
+            inputs = self._draw_prompts(num_groups)
+        output, has_signal = self._score(inputs)
+        metrics = self._metrics["train"]
+        metrics["adaptive_filter/groups_with_signal"].append(has_signal.float().mean().item())
+        cap = self.difficulty_cap()
+        if cap is not None:
+            metrics["curriculum/difficulty_cap"].append(cap)
+        metrics["hard_prompts/mean_pass_rate"].append(self.prompt_stats.pass_rates().mean().item())
+        if not self.args.filter_zero_variance_groups:
+            return output
+
+        parts = [(output, has_signal.nonzero().flatten().tolist())]
+        kept = len(parts[0][1])
+        rounds = 0
+        # Every process runs the same number of rounds (generation gathers across processes).
+        while rounds < self.args.max_refill_rounds and self._max_over_processes(num_groups - kept) > 0:
+            rounds += 1
+            refill, refill_signal = self._score(self._draw_prompts(num_groups))
+            take = refill_signal.nonzero().flatten().tolist()[: max(0, num_groups - kept)]
+            parts.append((refill, take))
+            kept += len(take)
+        if kept < num_groups:  # still short: pad with signal-less groups so every batch keeps its shape
+            silent = (~has_signal).nonzero().flatten().tolist()[: num_groups - kept]
+            parts.append((output, silent))
+        metrics["adaptive_filter/refill_rounds"].append(rounds)
+        metrics["adaptive_filter/batch_signal_fraction"].append(min(kept, num_groups) / num_groups)
+        return self._concat_groups(parts)
+
+    def _max_over_processes(self, value: int) -> int:
+        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).max())
+
+    def _concat_groups(self, parts: list[tuple[dict[str, Any], list[int]]]) -> dict[str, Any]:
+        """The chosen groups of several generation outputs as one output, re-padded to a common length."""
+        size = self.num_generations
+        rows = [[g * size + k for g in groups for k in range(size)] for _, groups in parts]
+        merged: dict[str, Any] = {}
+        for key, value in parts[0][0].items():
+            if key == "num_items_in_batch":
+                continue
+            if value is None:
+                merged[key] = None
+                continue
+            if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.ndim > 2:
+                raise NotImplementedError(f"adaptive filtering cannot merge GRPO output field {key!r}")
+            pieces = [output[key][index] for (output, _), index in zip(parts, rows) if index]
+            if value.ndim == 2:
+                width = max(piece.shape[1] for piece in pieces)
+                pad_value = self._tokenizer.pad_token_id if key.endswith("_ids") else 0
+                left = key in _LEFT_PADDED
+                pieces = [
+                    torch.nn.functional.pad(
+                        p, (width - p.shape[1], 0) if left else (0, width - p.shape[1]), value=pad_value
+                    )
+                    for p in pieces
+                ]
+            merged[key] = torch.cat(pieces)
+        merged["num_items_in_batch"] = self.accelerator.gather(merged["completion_mask"].sum()).sum()
+        return merged
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        # Written before the Trainer's files, which end with trainer_state.json: a checkpoint that counts as
+        # complete always has its statistics.
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            write_json_atomic(os.path.join(folder, STATS_FILE), self.prompt_stats.state_dict())
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            path = os.path.join(checkpoint, STATS_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by OnlineRLTrainer")
+            with open(path) as handle:
+                self.prompt_stats.load_state_dict(json.load(handle))

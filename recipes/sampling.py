@@ -1,0 +1,74 @@
+"""Sampling many answers per prompt from a policy, cached on disk.
+
+The judge filter (SFT) and the preference-pair builder (DPO) both need k sampled answers per prompt. Samples are
+cached per chunk of prompts, under a key made of the model's weights and the sampling settings: a re-run, or a run
+killed half-way, never regenerates a finished chunk and gets exactly the samples a single pass would have drawn
+(each chunk has its own seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from eval.generation import generate_completions
+
+from .common import write_json_atomic
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the weights, so a cache never serves one model's samples for another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().float().flatten()
+        digest.update(name.encode())
+        digest.update(f"{tuple(tensor.shape)}{flat[:64].tolist()}{flat.sum().item():.6e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_samples(
+    model,
+    tokenizer,
+    prompts: list,
+    *,
+    num_samples: int,
+    cache_dir: str | os.PathLike,
+    temperature: float = 1.0,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+    chunk_size: int = 128,
+    seed: int = 0,
+    desc: str = "sampling",
+) -> list[list[str]]:
+    """`num_samples` sampled completions per prompt (`result[i][j]`), cached under `cache_dir`."""
+    settings = {
+        "model": model_fingerprint(model),
+        "num_samples": num_samples,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "chunk_size": chunk_size,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / key
+    write_json_atomic(folder / "settings.json", settings)
+    samples: list[list[str]] = []
+    starts = range(0, len(prompts), chunk_size)
+    for chunk_index, start in enumerate(tqdm(starts, desc=desc, unit="chunk")):
+        chunk = prompts[start : start + chunk_size]
+        fingerprint = hashlib.sha256(json.dumps(chunk, sort_keys=True).encode()).hexdigest()[:16]
+        path = folder / f"chunk-{chunk_index:05d}-{fingerprint}.json"
+        if path.is_file():
+            samples.extend(json.loads(path.read_text(encoding="utf-8"))["samples"])
+            continue
+        outputs = generate_completions(
+            model, tokenizer, chunk, max_new_tokens=max_new_tokens, num_samples=num_samples,
+            temperature=temperature, batch_size=batch_size, seed=seed + 1_000_003 * chunk_index, progress=False,
+        )  # fmt: skip
+        write_json_atomic(path, {"samples": outputs})
+        samples.extend(outputs)
+    return samples

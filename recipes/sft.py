@@ -1,0 +1,102 @@
+"""Lightweight SFT on judge-filtered hard prompts (Llama 4's first post-training stage).
+
+    accelerate launch recipes/sft.py --config recipes/configs/sft_tiny.yaml --model_name_or_path PATH
+
+A judge (by default the policy itself) answers every training prompt `judge_samples` times; prompts it solves at
+a rate >= `judge_threshold` are easy and dropped. The filter is cached under `<output_dir>/judge_cache` and its
+report (how much was kept, per level) written to `<output_dir>/filter_report.json`. TRL's `SFTTrainer` then trains
+on the remaining prompt-completion pairs (loss on the completions only). Re-running a killed command resumes
+from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+
+from eval.grading import math_answer_correct
+from recipes.common import (
+    TaskArguments,
+    defer_hub_push,
+    heldout_accuracy,
+    load_model,
+    load_tokenizer,
+    model_and_tokenizer,
+    save_and_push,
+    task_datasets,
+    train_resumably,
+    write_json_atomic,
+)
+from recipes.judge import filter_hard, pass_rates
+from recipes.sampling import cached_samples
+
+
+@dataclass
+class SFTScriptArguments(TaskArguments):
+    judge_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The judge model; empty: the policy being fine-tuned."}
+    )
+    judge_samples: int = field(default=4, metadata={"help": "Answers the judge gives per prompt (k)."})
+    judge_threshold: float = field(
+        default=0.75, metadata={"help": "Drop prompts the judge solves at this pass rate or above (1.1: keep all)."}
+    )
+    judge_temperature: float = field(default=1.0, metadata={"help": "Judge sampling temperature."})
+    judge_max_new_tokens: int = field(default=48, metadata={"help": "Judge generation budget per answer."})
+
+
+def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
+    model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
+    train, heldout = task_datasets(script_args)
+    output_dir = Path(training_args.output_dir)
+
+    if script_args.judge_threshold <= 1.0:
+        judge, judge_tokenizer = model, tokenizer
+        if script_args.judge_model_name_or_path:
+            path = script_args.judge_model_name_or_path
+            judge = load_model(path, trust_remote_code=training_args.trust_remote_code)
+            judge_tokenizer = load_tokenizer(path)
+        samples = cached_samples(
+            judge, judge_tokenizer, list(train["prompt"]), num_samples=script_args.judge_samples,
+            cache_dir=output_dir / "judge_cache", temperature=script_args.judge_temperature,
+            max_new_tokens=script_args.judge_max_new_tokens, batch_size=script_args.heldout_batch_size,
+            seed=training_args.seed, desc="judge filter",
+        )  # fmt: skip
+        rates = pass_rates(samples, list(train["answer"]), math_answer_correct)
+        train, report = filter_hard(train, rates, script_args.judge_threshold, output_dir / "filter_report.json")
+        print(f"judge filter kept {report['kept']}/{report['total']} prompts ({report['kept_fraction']:.0%})")
+        if len(train) == 0:
+            raise ValueError(
+                f"the judge solves every prompt at >= {script_args.judge_threshold}: nothing is left to fine-tune on; "
+                "raise --judge_threshold or use harder prompts"
+            )
+    else:
+        report = {"total": len(train), "kept": len(train), "kept_fraction": 1.0}
+
+    defer_hub_push(training_args)
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train.select_columns(["prompt", "completion"]),
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    train_resumably(trainer, training_args)
+    results: dict[str, Any] = {"filter": report}
+    if heldout is not None:
+        results["heldout"] = heldout_accuracy(
+            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
+            batch_size=script_args.heldout_batch_size,
+        )  # fmt: skip
+        print(f"held-out accuracy after SFT: {results['heldout']['accuracy']:.1%}")
+    accuracy = results.get("heldout", {}).get("accuracy")
+    save_and_push(trainer, training_args, "sft", {"heldout_accuracy": accuracy} if accuracy is not None else None)
+    write_json_atomic(output_dir / "results.json", results)
+    return {**results, "log_history": trainer.state.log_history}
+
+
+if __name__ == "__main__":
+    parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

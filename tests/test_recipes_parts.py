@@ -1,0 +1,122 @@
+"""The recipes' building blocks: synthetic task, rewards, cached sampling, judge filter, preference pairs, and the
+online-RL trainer's prompt sampling, curriculum and group merging."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+import recipes.sampling as sampling
+from recipes.common import accuracy_reward, format_reward, last_complete_checkpoint, write_json_atomic
+from recipes.judge import filter_hard, pass_rates
+from recipes.preferences import preference_pairs, total_reward
+from recipes.rl import PromptStats
+from recipes.synthetic import LANGUAGES, arithmetic_problems
+
+
+def test_synthetic_task_is_deterministic_balanced_and_splits_are_disjoint():
+    train = arithmetic_problems("train", 240)
+    assert train.to_list() == arithmetic_problems("train", 240).to_list()
+    test = arithmetic_problems("test", 120)
+    train_questions = {row["prompt"][0]["content"] for row in arithmetic_problems("train", 3000)}
+    assert not train_questions & {row["prompt"][0]["content"] for row in test}
+    assert sorted(set(train["language"])) == sorted(LANGUAGES) and sorted(set(train["level"])) == [1, 2, 3]
+    for row in train:
+        solution = row["completion"][0]["content"]
+        assert solution.endswith(f"\\boxed{{{row['answer']}}}.")
+        # The worked steps really compute the answer.
+        last_step = solution.split("=")[-2:]
+        assert last_step[1].strip().startswith(row["answer"])
+        assert int(row["answer"]) >= 0
+
+
+def test_synthetic_task_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        arithmetic_problems("validation", 4)
+    with pytest.raises(ValueError, match="unknown languages"):
+        arithmetic_problems("train", 4, languages=["xx"])
+    with pytest.raises(ValueError, match="ask for fewer"):
+        arithmetic_problems("test", 5000, levels=[1], languages=["en"])
+
+
+def test_rewards_grade_answers_and_format():
+    completions = [
+        [{"role": "assistant", "content": "3 + 5 = 8. The final answer is \\boxed{8}."}],
+        [{"role": "assistant", "content": "3 + 5 = 9. The final answer is \\boxed{9}."}],
+        [{"role": "assistant", "content": "\\boxed{8} and then \\boxed{8}"}],
+        [{"role": "assistant", "content": "it is 7"}],
+    ]
+    assert accuracy_reward(completions, answer=["8"] * 4) == [1.0, 0.0, 1.0, 0.0]
+    assert format_reward(completions) == [1.0, 1.0, 0.0, 0.0]
+    assert total_reward(accuracy_reward, format_reward)(completions, ["8"] * 4) == [2.0, 1.0, 1.0, 0.0]
+
+
+def test_judge_filter_keeps_hard_prompts_and_reports():
+    data = Dataset.from_dict({"prompt": ["a", "b", "c"], "answer": ["1", "2", "3"], "level": [1, 1, 2]})
+    samples = [["\\boxed{1}", "\\boxed{1}"], ["\\boxed{2}", "\\boxed{0}"], ["x", "y"]]
+    rates = pass_rates(samples, data["answer"], lambda text, gold: text == f"\\boxed{{{gold}}}")
+    assert rates == [1.0, 0.5, 0.0]
+    kept, report = filter_hard(data, rates, threshold=0.75)
+    assert kept["prompt"] == ["b", "c"]
+    assert report["kept"] == 2 and report["kept_by_level"] == {"1": "1/2", "2": "1/1"}
+
+
+def test_cached_samples_resume_without_regenerating(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, *, seed, num_samples, **kwargs):
+        calls.append(list(prompts))
+        return [[f"{p}-{seed}-{j}" for j in range(num_samples)] for p in prompts]
+
+    monkeypatch.setattr(sampling, "generate_completions", fake_generate)
+    model = torch.nn.Linear(2, 2)
+    prompts = [f"p{i}" for i in range(5)]
+    kwargs = dict(num_samples=2, cache_dir=tmp_path, chunk_size=2)
+    first = sampling.cached_samples(model, None, prompts, **kwargs)
+    assert len(calls) == 3 and first[4] == [f"p4-{2 * 1_000_003}-0", f"p4-{2 * 1_000_003}-1"]
+    # A crash after the first chunk: the rerun generates only the missing chunks, with the same seeds.
+    cache = next(tmp_path.iterdir())
+    for path in sorted(cache.glob("chunk-*"))[1:]:
+        path.unlink()
+    calls.clear()
+    assert sampling.cached_samples(model, None, prompts, **kwargs) == first
+    assert calls == [["p2", "p3"], ["p4"]]
+    # Other weights: another cache key, so nothing stale is served.
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    calls.clear()
+    sampling.cached_samples(model, None, prompts, **kwargs)
+    assert len(calls) == 3
+
+
+def test_preference_pairs_take_best_and_worst_samples():
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]})
+    data = data.add_column("answer", ["1", "2"])
+    samples = [["\\boxed{7}", "\\boxed{1}", "\\boxed{1}"], ["\\boxed{2}", "\\boxed{2}", "\\boxed{2}"]]
+    pairs, report = preference_pairs(data, samples, accuracy_reward)
+    assert report == {"prompts": 2, "pairs": 1}
+    assert pairs[0]["chosen"][0]["content"] == "\\boxed{1}" and pairs[0]["rejected"][0]["content"] == "\\boxed{7}"
+
+
+def test_prompt_stats_pass_rates_and_state_round_trip():
+    stats = PromptStats(3)
+    assert stats.pass_rates().tolist() == [0.5, 0.5, 0.5]  # Beta(1, 1) prior
+    stats.update([0, 0, 1, 0], [1.0, 1.0, 0.0, 1.0])
+    assert stats.pass_rates().tolist() == pytest.approx([4 / 5, 1 / 3, 0.5])
+    restored = PromptStats(3)
+    restored.load_state_dict(json.loads(json.dumps(stats.state_dict())))
+    assert torch.equal(restored.pass_rates(), stats.pass_rates())
+    with pytest.raises(ValueError, match="same dataset"):
+        PromptStats(4).load_state_dict(stats.state_dict())
+
+
+def test_last_complete_checkpoint_skips_half_written_ones(tmp_path):
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    for step, complete in ((5, True), (10, True), (15, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            write_json_atomic(folder / "trainer_state.json", {"global_step": step})
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert not list(tmp_path.glob("**/*.tmp"))
