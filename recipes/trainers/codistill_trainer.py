@@ -241,9 +241,12 @@ class CoDistillationTrainer(SFTTrainer):
             self._teacher_store = store
 
         if args.seq_kd:
-            _ = args.device  # sets up the multi-process state the generation is split over
+            device = args.device  # also sets up the multi-process state the generation is split over
             if train_dataset is None:
                 raise ValueError("`train_dataset` is required")
+            # Generation runs before accelerate prepares the teacher; DeepSpeed and device maps place it themselves.
+            if not args.deepspeed and getattr(teacher_model, "hf_device_map", None) is None:
+                teacher_model.to(device)
             train_dataset = generate_teacher_targets(
                 teacher_model, tokenizer, train_dataset, max_new_tokens=args.seq_kd_max_new_tokens,
                 temperature=args.seq_kd_temperature, batch_size=args.seq_kd_batch_size, seed=args.seed,

@@ -62,10 +62,11 @@ def load_teacher(path: str, init_kwargs: dict[str, Any] | None = None) -> PreTra
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of the vocabulary (every token and its id) and the special tokens: equal iff both map text to ids
-    and ids to meaning the same way, which is what comparing two models' next-token distributions needs."""
+    """A hash of the vocabulary (every token and its id) and the special tokens but padding: equal iff both map text
+    to ids and ids to meaning the same way, which is what comparing two models' next-token distributions needs."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    special = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())}
+    # The pad token is left out: recipes often set it (to EOS) on one side only, and padding is never a target.
+    special = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items()) if name != "pad_token"}
     text = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
