@@ -3,6 +3,7 @@ training with crash-safe resume and a one-commit Hub push."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -154,6 +155,20 @@ def format_reward(completions: list, **kwargs) -> list[float]:
 
 
 REWARD_FUNCTIONS = {"accuracy_reward": accuracy_reward, "format_reward": format_reward}
+
+
+def reward_function(name: str):
+    """A reward by name (`accuracy_reward`, `format_reward`) or dotted import path (`my_pkg.rewards.f`), as in
+    TRL's GRPO script."""
+    if name in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name]
+    module_name, _, attribute = name.rpartition(".")
+    if not module_name:
+        raise ValueError(f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or a dotted path")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import reward function {name!r}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from recipes.common import (
     defer_hub_push,
     heldout_accuracy,
     model_and_tokenizer,
+    reward_function,
     save_and_push,
     task_datasets,
     train_resumably,
@@ -39,7 +40,7 @@ class DPOScriptArguments(TaskArguments):
     pair_max_new_tokens: int = field(default=48, metadata={"help": "Generation budget per sampled answer."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy_reward", "format_reward"],
-        metadata={"help": f"Rewards that grade the samples, from {sorted(REWARD_FUNCTIONS)}."},
+        metadata={"help": f"Rewards grading the samples: {sorted(REWARD_FUNCTIONS)} or dotted import paths."},
     )
 
 
@@ -53,7 +54,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         max_new_tokens=script_args.pair_max_new_tokens, batch_size=script_args.heldout_batch_size,
         seed=training_args.seed, desc="preference samples",
     )  # fmt: skip
-    reward = total_reward(*(REWARD_FUNCTIONS[name] for name in script_args.reward_funcs))
+    reward = total_reward(*(reward_function(name) for name in script_args.reward_funcs))
     pairs, report = preference_pairs(train, samples, reward)
     print(f"built {report['pairs']} preference pairs from {report['prompts']} prompts")
     if len(pairs) == 0:

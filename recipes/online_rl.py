@@ -22,6 +22,7 @@ from recipes.common import (
     defer_hub_push,
     heldout_accuracy,
     model_and_tokenizer,
+    reward_function,
     save_and_push,
     task_datasets,
     train_resumably,
@@ -34,23 +35,21 @@ from recipes.rl import OnlineRLConfig, OnlineRLTrainer
 class OnlineRLScriptArguments(TaskArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy_reward", "format_reward"],
-        metadata={"help": f"Reward functions, from {sorted(REWARD_FUNCTIONS)}."},
+        metadata={"help": f"Reward functions: {sorted(REWARD_FUNCTIONS)} or dotted import paths."},
     )
 
 
 def main(
     script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
-    unknown = sorted(set(script_args.reward_funcs) - set(REWARD_FUNCTIONS))
-    if unknown:
-        raise ValueError(f"unknown reward functions {unknown}; choose from {sorted(REWARD_FUNCTIONS)}")
+    rewards = [reward_function(name) for name in script_args.reward_funcs]
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     tokenizer.padding_side = "left"
     train, heldout = task_datasets(script_args)
     defer_hub_push(training_args)
     trainer = OnlineRLTrainer(
         model=model,
-        reward_funcs=[REWARD_FUNCTIONS[name] for name in script_args.reward_funcs],
+        reward_funcs=rewards,
         args=training_args,
         train_dataset=train.remove_columns([c for c in ("completion",) if c in train.column_names]),
         processing_class=tokenizer,
