@@ -36,6 +36,9 @@ class PretrainScriptArguments(TaskArguments):
     corpus_levels: list[int] = field(
         default_factory=lambda: [1, 2], metadata={"help": "Difficulty levels the synthetic corpus covers."}
     )
+    corpus_chat_format: bool = field(
+        default=False, metadata={"help": "Render the synthetic corpus in the chat format (default: plain Q/A text)."}
+    )
 
 
 def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
@@ -45,8 +48,9 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         heldout = None
     else:
         corpus = pretraining_corpus(
-            tokenizer, script_args.corpus_documents, seed=script_args.task_seed, levels=script_args.corpus_levels
-        )
+            tokenizer, script_args.corpus_documents, seed=script_args.task_seed, levels=script_args.corpus_levels,
+            chat_format=script_args.corpus_chat_format,
+        )  # fmt: skip
         _, heldout = task_datasets(script_args)
     if "text" not in corpus.column_names:
         raise ValueError(f"the pretraining corpus needs a `text` column; it has {corpus.column_names}")

@@ -158,10 +158,18 @@ def _split_of(question: str) -> str:
     return "test" if digest % 5 == 0 else "train"
 
 
-def pretraining_corpus(tokenizer, num_documents: int, *, seed: int = 0, levels: Sequence[int] = (1, 2)) -> Dataset:
-    """Chat-rendered worked problems (train split only) as a `text` column for causal-LM pretraining."""
+def pretraining_corpus(
+    tokenizer, num_documents: int, *, seed: int = 0, levels: Sequence[int] = (1, 2), chat_format: bool = False
+) -> Dataset:
+    """Worked problems (train split only) as a `text` column for causal-LM pretraining: plain "Question: ...
+    Answer: ..." documents, like web text, or (`chat_format`) rendered with the Llama 4 chat template."""
     problems = arithmetic_problems("train", num_documents, seed=seed + 1000, levels=levels)
-    texts = [tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False) for row in problems]
-    # The trainer's tokenizer adds the begin-of-text token itself.
-    texts = [text.removeprefix(tokenizer.bos_token or "") for text in texts]
+    if chat_format:
+        texts = [tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False) for row in problems]
+        # The trainer's tokenizer adds the begin-of-text token itself.
+        texts = [text.removeprefix(tokenizer.bos_token or "") for text in texts]
+    else:
+        texts = [
+            f"Question: {row['prompt'][0]['content']}\nAnswer: {row['completion'][0]['content']}" for row in problems
+        ]
     return Dataset.from_dict({"text": texts})
