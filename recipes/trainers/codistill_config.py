@@ -8,7 +8,7 @@ from typing import Any
 
 from trl import SFTConfig
 
-WEIGHTINGS = ("schedule", "adaptive")
+WEIGHTINGS = ("schedule", "adaptive", "adaptive_argmax")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -25,19 +25,21 @@ class CoDistillationConfig(SFTConfig):
     - `hard = -log p_student(label)` (at T = 1);
     - `w = s(t)` with `weighting="schedule"`, where `s(t)` goes from `soft_weight_start` to `soft_weight_end` over
       training along `soft_weight_schedule`;
-    - `w = s(t) * 1[argmax p_teacher = label] * p_teacher(label) * 1[p_teacher(label) >= teacher_confidence_threshold]`
-      with `weighting="adaptive"` (teacher probabilities at T = 1): the soft target is trusted where the teacher is
-      right and sure, the label takes over where it is wrong or unsure.
+    - `w = s(t) * (1 - max_{v != label} p_teacher(v))` with `weighting="adaptive"` (the default; teacher
+      probabilities at T = 1): the soft target is trusted where the teacher is right and sure, the label takes over
+      where the teacher is confidently wrong, and an unsure teacher keeps part of its say (its spread is information);
+    - `w = s(t) * 1[argmax p_teacher = label] * p_teacher(label)` (0 below `teacher_confidence_threshold`) with
+      `weighting="adaptive_argmax"`: soft only where the teacher's top token is the label.
 
     Parameters:
         temperature (`float`, defaults to `1.0`): softmax temperature T of the soft term (the KL is scaled by T^2 so
             that its gradients keep their size as T changes).
-        weighting (`str`, defaults to `"adaptive"`): `"schedule"` or `"adaptive"` (see above).
+        weighting (`str`, defaults to `"adaptive"`): `"schedule"`, `"adaptive"` or `"adaptive_argmax"` (see above).
         soft_weight_start / soft_weight_end (`float`, default `1.0` / `0.5`): s(t) at the first and last step.
         soft_weight_schedule (`str`, defaults to `"linear"`): `"constant"` (always `soft_weight_start`), `"linear"`
             or `"cosine"`.
-        teacher_confidence_threshold (`float`, defaults to `0.0`): adaptive mode only; tokens where the teacher gives
-            the label less probability than this get the hard target alone.
+        teacher_confidence_threshold (`float`, defaults to `0.0`): `adaptive_argmax` only; tokens where the teacher
+            gives the label less probability than this get the hard target alone.
         teacher_model_name_or_path / teacher_model_init_kwargs: the online teacher when the trainer gets a path.
         teacher_logits_path (`str`, *optional*): a directory written by `write_teacher_topk`; replaces the online
             teacher.
@@ -51,7 +53,8 @@ class CoDistillationConfig(SFTConfig):
 
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the soft (KL) term."})
     weighting: str = field(
-        default="adaptive", metadata={"help": "How w (the soft-target weight) is set: 'schedule' or 'adaptive'."}
+        default="adaptive",
+        metadata={"help": "How w (the soft-target weight) is set: 'schedule', 'adaptive' or 'adaptive_argmax'."},
     )
     soft_weight_start: float = field(default=1.0, metadata={"help": "Soft-target weight s(t) at the first step."})
     soft_weight_end: float = field(default=0.5, metadata={"help": "Soft-target weight s(t) at the last step."})
@@ -60,7 +63,7 @@ class CoDistillationConfig(SFTConfig):
     )
     teacher_confidence_threshold: float = field(
         default=0.0,
-        metadata={"help": "Adaptive weighting: hard target alone where the teacher's p(label) is below this."},
+        metadata={"help": "adaptive_argmax: hard target alone where the teacher's p(label) is below this."},
     )
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Online teacher (path or Hub id) when the trainer is given none."}

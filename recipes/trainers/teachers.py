@@ -10,6 +10,7 @@ Precomputed logits serve teachers too big to host beside the student, and reuse 
         topk_ids        (tokens, k)    int32   the teacher's k most likely next tokens, most likely first
         topk_logprobs   (tokens, k)    float   their log-probs at the distillation temperature
         target_logprobs (tokens,)      float   log-prob (at T = 1) of the token that actually follows
+        top2_logprobs   (tokens, 2)    float   log-probs (at T = 1) of topk_ids[:, :2] (for the adaptive weights)
 
 Each shard is written to a temporary file and renamed, so a killed writer leaves only whole shards, and a rerun
 skips them. Rows are found again by their tokens (a hash, then an exact comparison), so the trainer may filter or
@@ -42,9 +43,9 @@ from trl.trainer.utils import create_model_from_path, pad
 
 from modeling_llama4 import Llama4ForCausalLM
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA = "metadata.json"
-TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_target_logprobs")
+TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_target_logprobs", "teacher_top2_logprobs")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,8 +234,9 @@ def _teacher_topk_rows(
     # Position j predicts token j + 1; the last position has no next token (its value is never read).
     following = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
     target = plain.gather(-1, following.unsqueeze(-1)).squeeze(-1)
+    top2 = plain.gather(-1, indices[..., :2])
     return [
-        (indices[i, : len(r)].to(torch.int32).cpu(), values[i, : len(r)].cpu(), target[i, : len(r)].cpu())
+        tuple(t[i, : len(r)].cpu() for t in (indices.to(torch.int32), values, target, top2))
         for i, r in enumerate(rows)
     ]
 
@@ -267,8 +269,8 @@ def write_teacher_topk(
     _ = args.device
     state = PartialState()
     vocab = output_vocab_size(teacher)
-    if not 0 < top_k < vocab:
-        raise ValueError(f"top_k must be in [1, {vocab - 1}] (below the teacher's vocabulary), got {top_k}")
+    if not 2 <= top_k < vocab:
+        raise ValueError(f"top_k must be in [2, {vocab - 1}] (below the teacher's vocabulary), got {top_k}")
     rows = tokenize_like_sft(dataset, tokenizer, args)["input_ids"]
     folder = Path(output_dir)
     metadata = {
@@ -307,6 +309,7 @@ def write_teacher_topk(
             "topk_ids": torch.cat([p[0] for p in parts]).contiguous(),
             "topk_logprobs": torch.cat([p[1] for p in parts]).to(dtype).contiguous(),
             "target_logprobs": torch.cat([p[2] for p in parts]).to(dtype).contiguous(),
+            "top2_logprobs": torch.cat([p[3] for p in parts]).to(dtype).contiguous(),
         }
         temporary = path.with_suffix(".tmp")
         save_file(tensors, str(temporary))
@@ -327,6 +330,11 @@ class TeacherLogitsStore:
                 f"{self.path} holds no teacher logits ({METADATA} missing): run write_teacher_topk"
             )
         self.metadata = json.loads((self.path / METADATA).read_text())
+        if self.metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.path} holds teacher logits in format {self.metadata.get('format_version')}, this version reads "
+                f"format {FORMAT_VERSION}: rewrite them with write_teacher_topk into a new directory"
+            )
         self.top_k, self.temperature = self.metadata["top_k"], self.metadata["temperature"]
         num_rows, shard_size = self.metadata["num_rows"], self.metadata["shard_size"]
         num_shards = math.ceil(num_rows / shard_size)
@@ -367,14 +375,16 @@ class TeacherLogitsStore:
         return self._index.get(_row_key(input_ids))
 
     def row(self, index: int) -> dict[str, torch.Tensor]:
-        """`input_ids` (L,), `topk_ids` (L, k) int64, `topk_logprobs` (L, k) and `target_logprobs` (L,) float32."""
+        """`input_ids` (L,), `topk_ids` (L, k) int64, float32 `topk_logprobs` (L, k), `target_logprobs` (L,) and
+        `top2_logprobs` (L, 2)."""
         shard, local = divmod(index, self.metadata["shard_size"])
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = safe_open(self.path / _shard_name(shard), "pt")
         start, end = self._offsets[shard][local].item(), self._offsets[shard][local + 1].item()
         out = {name: handle.get_slice(name)[start:end] for name in ("input_ids", "topk_ids")}
-        out.update({name: handle.get_slice(name)[start:end].float() for name in ("topk_logprobs", "target_logprobs")})
+        floats = ("topk_logprobs", "target_logprobs", "top2_logprobs")
+        out.update({name: handle.get_slice(name)[start:end].float() for name in floats})
         out["topk_ids"] = out["topk_ids"].long()
         return out
 
@@ -421,9 +431,8 @@ class TeacherTopKCollator:
                     f"{list(example['input_ids'])[:12]}...): the store {self.store.path} does not belong to this data"
                 )
         width = batch["input_ids"].shape[1]
-        names = {"teacher_topk_ids": "topk_ids", "teacher_topk_logprobs": "topk_logprobs"}
-        names["teacher_target_logprobs"] = "target_logprobs"
-        for key, name in names.items():
+        for key in TOPK_KEYS:
+            name = key.removeprefix("teacher_")
             tensors = [row[name] for row in rows]
             if self.padding_free:
                 tensors = [torch.cat(tensors)]
