@@ -8,9 +8,13 @@ trained longer on a large corpus of worked problems; then one student initialisa
 on a smaller corpus:
 
 - `hard`: TRL's `SFTTrainer`, cross-entropy to the labels only;
-- `codistill (adaptive)`: `CoDistillationTrainer`, w = s(t) * 1[teacher right] * p_teacher(label), s: 1 -> 0.5;
-- `codistill (schedule)`: w = s(t) on every token;
-- `codistill (top-k files)`: adaptive, from the teacher's top-k log-probs written to disk beforehand.
+- `adaptive`: `CoDistillationTrainer`, w = s(t) * (1 - max_{v != label} p_teacher(v)), s(t): 1 -> 0.5 linearly;
+- `adaptive_argmax`: w = s(t) * 1[teacher argmax = label] * p_teacher(label);
+- `schedule`: w = s(t) on every token;
+- `topk`: adaptive, from the teacher's top-32 log-probs written to disk beforehand (no teacher in memory).
+
+Each student corpus size in `--student_documents` is a regime: few documents (many epochs, where hard labels
+overfit) and more.
 
 Reported on held-out problems (never in any training split): greedy accuracy (generation + `math_answer_correct`)
 per level and the cross-entropy of the reference completions. Writes `results.json` and prints a markdown table.
@@ -127,13 +131,13 @@ def train_student(arm: str, teacher, tokenizer, corpus: Dataset, args, out: Path
             processing_class=tokenizer,
         )  # fmt: skip
     elif arm == "topk":
-        store = out / "teacher_topk"
+        store = out / f"teacher_top{args.top_k}"
         config = train_args(CoDistillationConfig, out / arm, teacher_logits_path=str(store), **common, **distill)
         write_teacher_topk(
             teacher, tokenizer, corpus, store, args=config, top_k=args.top_k, temperature=args.temperature
         )
         trainer = CoDistillationTrainer(model=student, args=config, train_dataset=corpus, processing_class=tokenizer)
-    else:
+    else:  # one of the weightings
         config = train_args(CoDistillationConfig, out / arm, weighting=arm, **common, **distill)
         trainer = CoDistillationTrainer(
             model=student, teacher_model=teacher, args=config, train_dataset=corpus, processing_class=tokenizer
@@ -146,9 +150,10 @@ def train_student(arm: str, teacher, tokenizer, corpus: Dataset, args, out: Path
 
 ARMS = {
     "hard": "hard labels only (SFTTrainer)",
-    "adaptive": "codistill, adaptive w",
-    "schedule": "codistill, schedule w",
-    "topk": "codistill, adaptive w, top-k files",
+    "adaptive": "codistill, `adaptive`",
+    "adaptive_argmax": "codistill, `adaptive_argmax`",
+    "schedule": "codistill, `schedule`",
+    "topk": "codistill, `adaptive`, top-32 files",
 }
 
 
@@ -159,7 +164,9 @@ def main() -> None:
     parser.add_argument("--teacher_batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=150, help="student steps, every arm")
     parser.add_argument("--batch", type=int, default=16, help="student batch, every arm")
-    parser.add_argument("--student_documents", type=int, default=512, help="size of the students' corpus")
+    parser.add_argument(
+        "--student_documents", default="128,512", help="sizes of the students' corpus, comma-separated"
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=200)
@@ -168,7 +175,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code paths, not the claim")
     args = parser.parse_args()
     if args.quick:
-        args.teacher_steps, args.steps, args.student_documents, args.heldout = 4, 3, 32, 8
+        args.teacher_steps, args.steps, args.student_documents, args.heldout = 4, 3, "32", 8
         args.output_dir += "_quick"
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
@@ -176,29 +183,31 @@ def main() -> None:
     start = time.time()
     teacher = train_teacher(tokenizer, args, out / "teacher")
     test = arithmetic_problems("test", args.heldout, levels=LEVELS)
-    corpus = pretraining_corpus(tokenizer, args.student_documents, seed=2, levels=LEVELS)
     results: dict[str, Any] = {"settings": vars(args), "teacher": evaluate(teacher, tokenizer, test)}
     print(f"teacher: {results['teacher']}", flush=True)
-    for arm in args.arms.split(","):
-        student, summary = train_student(arm, teacher, tokenizer, corpus, args, out)
-        results[arm] = {**evaluate(student, tokenizer, test), **summary}
-        print(f"{arm}: {json.dumps({k: v for k, v in results[arm].items() if k != 'last_log'})}", flush=True)
+    arms = args.arms.split(",")
+    sizes = [int(n) for n in args.student_documents.split(",")]
+    for documents in sizes:
+        corpus = pretraining_corpus(tokenizer, documents, seed=2, levels=LEVELS)
+        for arm in arms:
+            student, summary = train_student(arm, teacher, tokenizer, corpus, args, out / f"docs{documents}")
+            results[f"{arm}@{documents}"] = {**evaluate(student, tokenizer, test), **summary}
+            shown = {k: v for k, v in results[f"{arm}@{documents}"].items() if k != "last_log"}
+            print(f"{arm} on {documents} documents: {json.dumps(shown)}", flush=True)
     results["total_seconds"] = time.time() - start
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
-    print(
-        f"\n{args.steps} student steps x batch {args.batch} on {args.student_documents} documents; held-out n={args.heldout}"
-    )
-    print("\n| model | held-out accuracy | level 1 | level 2 | held-out CE (nats/token) |")
-    print("|---|---|---|---|---|")
-    rows = [("teacher (hidden 256, trained longer)", results["teacher"])]
-    rows += [(ARMS[arm], results[arm]) for arm in args.arms.split(",")]
-    for name, r in rows:
+    print(f"\nstudents: {args.steps} steps x batch {args.batch}; held-out problems: {args.heldout}")
+    print("\n| model | student corpus | held-out accuracy | level 1 | level 2 | held-out CE (nats/token) |")
+    print("|---|---|---|---|---|---|")
+    rows = [("teacher (hidden 256)", f"{args.teacher_steps * args.teacher_batch} documents", results["teacher"])]
+    rows += [(ARMS[arm], f"{n} documents", results[f"{arm}@{n}"]) for n in sizes for arm in arms]
+    for name, corpus_size, r in rows:
         levels = " | ".join(f"{r['accuracy_by_level'][lv]:.1%}" for lv in LEVELS)
-        print(f"| {name} | {r['accuracy']:.1%} | {levels} | {r['heldout_ce']:.3f} |")
+        print(f"| {name} | {corpus_size} | {r['accuracy']:.1%} | {levels} | {r['heldout_ce']:.3f} |")
     print(f"\ntotal {results['total_seconds'] / 60:.1f} min")
-    assert all(math.isfinite(results[a]["heldout_ce"]) for a in args.arms.split(","))
+    assert all(math.isfinite(results[f"{a}@{n}"]["heldout_ce"]) for a in arms for n in sizes)
 
 
 if __name__ == "__main__":
