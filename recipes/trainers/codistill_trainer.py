@@ -241,8 +241,8 @@ class CoDistillationTrainer(SFTTrainer):
         if args.teacher_logits_path is not None:
             if args.packing or args.eval_packing:
                 raise ValueError(
-                    "precomputed teacher logits are stored per dataset row; packing merges and cuts rows, so it cannot "
-                    "be combined with teacher_logits_path (use padding_free=True to avoid padding instead)"
+                    "precomputed teacher logits are stored per dataset row; packing merges and cuts rows, so it "
+                    "cannot be combined with teacher_logits_path (use padding_free=True to avoid padding instead)"
                 )
             if args.seq_kd:
                 raise ValueError("seq_kd generates new targets, which precomputed teacher logits cannot cover")

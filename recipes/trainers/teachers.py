@@ -41,6 +41,8 @@ from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 from trl.trainer.utils import create_model_from_path, pad
 
+from eval.generation import generate_completions
+from eval.grading import math_answer_correct
 from modeling_llama4 import Llama4ForCausalLM
 
 FORMAT_VERSION = 2
@@ -126,14 +128,11 @@ def generate_teacher_targets(
     """`dataset` (`prompt`, optionally `completion` and `answer`) with `completion` replaced by the teacher's own
     completion of each prompt: sequence-level distillation (Kim & Rush, 2016).
 
-    With several processes (set up by the training config or `accelerate launch`; on CPU the config's `use_cpu`
-    must have initialised the state first) each generates a share of the prompts and all receive every completion. With
-    `keep_gold_when_wrong`, rows whose teacher answer is wrong (graded against `answer`) keep their own completion.
-    Adds a `teacher_answer_correct` column when `answer` exists.
+    With several processes each generates a share of the prompts and all receive every completion (on CPU the
+    training config, `use_cpu=True`, must have set up the process group first). With `keep_gold_when_wrong`, rows
+    whose teacher answer is wrong (graded against `answer`) keep their own completion. Adds a
+    `teacher_answer_correct` column when `answer` exists.
     """
-    from eval.generation import generate_completions
-    from eval.grading import math_answer_correct
-
     if "prompt" not in dataset.column_names:
         raise ValueError(f"sequence-level distillation needs a `prompt` column; got {dataset.column_names}")
     if keep_gold_when_wrong and not {"answer", "completion"} <= set(dataset.column_names):
@@ -332,8 +331,8 @@ class TeacherLogitsStore:
         self.metadata = json.loads((self.path / METADATA).read_text())
         if self.metadata.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"{self.path} holds teacher logits in format {self.metadata.get('format_version')}, this version reads "
-                f"format {FORMAT_VERSION}: rewrite them with write_teacher_topk into a new directory"
+                f"{self.path} holds teacher logits in format {self.metadata.get('format_version')}, this version "
+                f"reads format {FORMAT_VERSION}: rewrite them with write_teacher_topk into a new directory"
             )
         self.top_k, self.temperature = self.metadata["top_k"], self.metadata["temperature"]
         num_rows, shard_size = self.metadata["num_rows"], self.metadata["shard_size"]
