@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
 
@@ -49,6 +50,9 @@ class PipelineArguments:
     )
     shared: dict | None = field(
         default=None, metadata={"help": "Arguments given to every stage (e.g. the held-out split size, seed)."}
+    )
+    torch_threads: int = field(
+        default=0, metadata={"help": "CPU threads for torch (0: torch's default, one per core)."}
     )
 
 
@@ -168,6 +172,8 @@ def plot(path: Path, stages: list[dict[str, Any]]) -> None:
 def main(args: PipelineArguments) -> list[dict[str, Any]]:
     if not args.stages:
         raise ValueError("no stages: give `stages:` in the pipeline YAML (see recipes/configs/pipeline_tiny.yaml)")
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     output_dir = Path(args.output_dir)
     model_path = args.model_name_or_path
     summaries = []
