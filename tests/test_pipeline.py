@@ -4,6 +4,7 @@ report.md / results.png are written, and a second run skips the finished stages.
 import json
 
 import pytest
+import torch
 import yaml
 from trl import TrlParser
 
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.slow
 def test_pipeline_runs_every_stage_writes_results_and_skips_finished_stages(tmp_path, monkeypatch):
     config = yaml.safe_load(open("recipes/configs/pipeline_tiny.yaml"))
     config["output_dir"] = str(tmp_path / "run")
+    config["torch_threads"] = 0  # setting it would leak a thread count into the tests that run after this one
     config["shared"] = {
         "heldout_problems": 8, "train_problems": 16, "max_steps": 2, "save_steps": 2, "logging_steps": 1,
         "per_device_train_batch_size": 8, "heldout_max_new_tokens": 8, "seed": 0,
@@ -33,7 +35,9 @@ def test_pipeline_runs_every_stage_writes_results_and_skips_finished_stages(tmp_
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
     (args,) = TrlParser((pipeline.PipelineArguments,)).parse_args_and_config(["--config", str(path)])
+    threads = torch.get_num_threads()
     pipeline.main(args)
+    assert torch.get_num_threads() == threads
 
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [stage["name"] for stage in results["stages"]] == ["pretrain", "sft", "online_rl", "dpo"]
