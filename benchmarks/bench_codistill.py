@@ -39,7 +39,13 @@ from eval.generation import generate_completions
 from eval.grading import math_answer_correct
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 from recipes.synthetic import arithmetic_problems
-from recipes.trainers import CoDistillationConfig, CoDistillationTrainer, tokenize_like_sft, write_teacher_topk
+from recipes.trainers import (
+    CoDistillationConfig,
+    CoDistillationTrainer,
+    teacher_fingerprint,
+    tokenize_like_sft,
+    write_teacher_topk,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "hub_configs" / "tiny"
@@ -60,6 +66,13 @@ def train_args(config_class, output_dir: Path, **overrides):
         disable_tqdm=True, router_aux_loss_coef=0.001, completion_only_loss=False,
     )  # fmt: skip
     return config_class(**{**defaults, **overrides})
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str))
+    temporary.replace(path)
 
 
 def corpus_of(num_problems: int, seed: int) -> Dataset:
@@ -141,7 +154,7 @@ def train_student(arm: str, teacher, tokenizer, corpus: Dataset, args, out: Path
             processing_class=tokenizer,
         )  # fmt: skip
     elif arm == "topk":
-        store = out / f"teacher_top{args.top_k}"
+        store = out / f"teacher_top{args.top_k}_{teacher_fingerprint(teacher)}"
         config = train_args(CoDistillationConfig, out / arm, teacher_logits_path=str(store), **common, **distill)
         write_teacher_topk(
             teacher, tokenizer, corpus, store, args=config, top_k=args.top_k, temperature=args.temperature
@@ -193,20 +206,30 @@ def main() -> None:
     start = time.time()
     teacher = train_teacher(tokenizer, args, out / "teacher")
     test = arithmetic_problems("test", args.heldout, levels=LEVELS)
-    results: dict[str, Any] = {"settings": vars(args), "teacher": evaluate(teacher, tokenizer, test)}
+    # Finished arms are kept in results.json and reused by a rerun with the same settings (a crash or a new arm
+    # does not cost the others again).
+    comparable = {k: v for k, v in vars(args).items() if k not in ("arms", "student_documents", "threads")}
+    results_path = out / "results.json"
+    previous = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if previous.get("comparable") != comparable:
+        previous = {}
+    results: dict[str, Any] = {**previous, "settings": vars(args), "comparable": comparable}
+    results["teacher"] = evaluate(teacher, tokenizer, test)
     print(f"teacher: {results['teacher']}", flush=True)
     arms = args.arms.split(",")
     sizes = [int(n) for n in args.student_documents.split(",")]
     for documents in sizes:
         corpus = corpus_of(documents, seed=2)
         for arm in arms:
-            student, summary = train_student(arm, teacher, tokenizer, corpus, args, out / f"docs{documents}")
-            results[f"{arm}@{documents}"] = {**evaluate(student, tokenizer, test), **summary}
-            shown = {k: v for k, v in results[f"{arm}@{documents}"].items() if k != "last_log"}
-            print(f"{arm} on {documents} documents: {json.dumps(shown)}", flush=True)
+            key = f"{arm}@{documents}"
+            if key not in previous:
+                student, summary = train_student(arm, teacher, tokenizer, corpus, args, out / f"docs{documents}")
+                results[key] = {**evaluate(student, tokenizer, test), **summary}
+                write_json(results_path, results)
+            shown = {k: v for k, v in results[key].items() if k != "last_log"}
+            print(f"{arm} on {documents} documents{' (from results.json)' * (key in previous)}: {json.dumps(shown)}")
     results["total_seconds"] = time.time() - start
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_json(results_path, results)
 
     print(f"\nstudents: {args.steps} steps x batch {args.batch}; held-out problems: {args.heldout}")
     print("\n| model | student corpus | held-out accuracy | level 1 | level 2 | held-out CE (nats/token) |")

@@ -333,8 +333,14 @@ def test_precomputed_writer_resumes_and_is_atomic(tokenizer, tmp_path):
     assert counts == {"written": 1, "skipped": 2, "num_rows": 8}
     assert (store_dir / "shard-00000.safetensors").stat().st_mtime_ns == kept
     assert (store_dir / "shard-00002.safetensors").read_bytes() == original
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="other settings.*top_k"):
         write_teacher_topk(teacher, tokenizer, dataset, store_dir, top_k=5, shard_size=3)
+    with pytest.raises(ValueError, match="other settings.*data_fingerprint"):  # other rows, same count
+        write_teacher_topk(
+            teacher, tokenizer, sums_dataset([(9, k) for k in range(8)]), store_dir, top_k=4, shard_size=3
+        )
+    with pytest.raises(ValueError, match="other settings.*teacher_fingerprint"):  # a retrained teacher
+        write_teacher_topk(tiny(), tokenizer, dataset, store_dir, top_k=4, shard_size=3)
 
 
 def test_precomputed_token_and_tokenizer_mismatches_are_clear_errors(tokenizer, tmp_path):

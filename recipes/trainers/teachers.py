@@ -74,6 +74,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def teacher_fingerprint(model: PreTrainedModel) -> str:
+    """A hash of the teacher's config and its output layer's weights: cheap even for a large model (one matrix),
+    and it changes when the teacher is retrained."""
+    head = model.get_output_embeddings()
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    if head is not None and head.weight.numel() and head.weight.device.type != "meta":
+        digest.update(head.weight.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def check_same_tokenizer(
     student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, what: str = "teacher"
 ) -> None:
@@ -204,6 +214,7 @@ def _check_or_write_metadata(folder: Path, metadata: dict[str, Any], state: Part
     if path.exists():
         existing = json.loads(path.read_text())
         keys = ("format_version", "top_k", "temperature", "num_rows", "shard_size", "tokenizer_fingerprint")
+        keys += ("data_fingerprint", "teacher_fingerprint", "dtype")
         differ = {k: (existing.get(k), metadata[k]) for k in keys if existing.get(k) != metadata[k]}
         if differ:
             raise ValueError(
@@ -283,6 +294,10 @@ def write_teacher_topk(
         "vocab_size": vocab,
         "teacher": getattr(teacher, "name_or_path", "") or type(teacher).__name__,
         "dtype": str(dtype).removeprefix("torch."),
+        # A rerun resumes only over the same rows and the same teacher: finished shards of other data or of another
+        # teacher (retrained under the same path) must not be mixed in.
+        "data_fingerprint": hashlib.sha256(b"".join(_row_key(r) for r in rows)).hexdigest()[:16],
+        "teacher_fingerprint": teacher_fingerprint(teacher),
     }
     _check_or_write_metadata(folder, metadata, state)
     state.wait_for_everyone()
