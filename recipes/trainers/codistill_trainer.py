@@ -18,9 +18,10 @@ gets much probability: w -> s(t)) and hands the token to the label where the tea
 token near probability 1: w -> 0). Where the teacher is unsure it keeps much of the soft target, because there its
 spread-out distribution is the information the one-hot label lacks (a random name or number in a problem has no
 single right answer). "adaptive_argmax" is the stricter reading, soft only where the teacher's argmax is the label,
-scaled by its confidence: on the synthetic benchmark it keeps the soft target mainly on tokens where it equals the
-label anyway, and gains less (README, Codistillation). Losses are summed over target tokens (labels != -100) and
-divided by their number, like SFT's.
+scaled by its confidence, i.e. mostly on tokens where the soft target nearly equals the label: on the synthetic
+benchmark it gained a third as much as "adaptive" when the student's data was scarce, and as much with more data
+(README, Codistillation). Losses are summed over target tokens (labels != -100) and divided by their number, like
+SFT's.
 """
 
 from __future__ import annotations
