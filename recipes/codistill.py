@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from trl import ModelConfig, TrlParser, get_peft_config
@@ -27,13 +26,11 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from recipes.common import (
     TaskArguments,
     defer_hub_push,
-    heldout_accuracy,
+    finish_recipe,
     load_model,
     model_and_tokenizer,
-    save_and_push,
     task_datasets,
     train_resumably,
-    write_json_atomic,
 )
 from recipes.trainers import CoDistillationConfig, CoDistillationTrainer, write_teacher_topk
 
@@ -77,7 +74,6 @@ def main(
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     train, heldout = task_datasets(script_args)
     train = train.select_columns(["prompt", "completion"] + (["answer"] if training_args.seq_kd else []))
-    output_dir = Path(training_args.output_dir)
 
     teacher = None
     if training_args.teacher_model_name_or_path:
@@ -104,19 +100,7 @@ def main(
         peft_config=get_peft_config(model_args),
     )
     train_resumably(trainer, training_args)
-    results: dict[str, Any] = {}
-    if heldout is not None:
-        results["heldout"] = heldout_accuracy(
-            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
-            batch_size=script_args.heldout_batch_size,
-        )  # fmt: skip
-        print(f"held-out accuracy after codistillation: {results['heldout']['accuracy']:.1%}")
-    accuracy = results.get("heldout", {}).get("accuracy")
-    save_and_push(
-        trainer, training_args, "codistillation", {"heldout_accuracy": accuracy} if accuracy is not None else None
-    )
-    write_json_atomic(output_dir / "results.json", results)
-    return {**results, "log_history": trainer.state.log_history}
+    return finish_recipe(trainer, tokenizer, heldout, script_args, training_args, "codistillation")
 
 
 if __name__ == "__main__":

@@ -268,6 +268,30 @@ def save_and_push(trainer, training_args, recipe: str, eval_results: dict[str, f
         print(f"pushed to {url}")
 
 
+def finish_recipe(
+    trainer,
+    tokenizer,
+    heldout: Dataset | None,
+    script_args: TaskArguments,
+    training_args,
+    recipe: str,
+    results: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """After training: held-out evaluation, save (and push) the final model, write `results.json` last; returns
+    the results with the log history."""
+    results = dict(results or {})
+    if heldout is not None:
+        results["heldout"] = heldout_accuracy(
+            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
+            batch_size=script_args.heldout_batch_size,
+        )  # fmt: skip
+        print(f"held-out accuracy after {recipe}: {results['heldout']['accuracy']:.1%}")
+    accuracy = results.get("heldout", {}).get("accuracy")
+    save_and_push(trainer, training_args, recipe, {"heldout_accuracy": accuracy} if accuracy is not None else None)
+    write_json_atomic(Path(training_args.output_dir) / "results.json", results)
+    return {**results, "log_history": trainer.state.log_history}
+
+
 def defer_hub_push(training_args) -> None:
     """Keep the Trainer from pushing every checkpoint on its own (without our code and card); `save_and_push`
     uploads once at the end."""

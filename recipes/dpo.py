@@ -21,13 +21,11 @@ from recipes.common import (
     REWARD_FUNCTIONS,
     TaskArguments,
     defer_hub_push,
-    heldout_accuracy,
+    finish_recipe,
     model_and_tokenizer,
     reward_function,
-    save_and_push,
     task_datasets,
     train_resumably,
-    write_json_atomic,
 )
 from recipes.preferences import preference_pairs, total_reward
 from recipes.sampling import cached_samples
@@ -76,17 +74,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         peft_config=peft_config,
     )
     train_resumably(trainer, training_args)
-    results: dict[str, Any] = {"pairs": report}
-    if heldout is not None:
-        results["heldout"] = heldout_accuracy(
-            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
-            batch_size=script_args.heldout_batch_size,
-        )  # fmt: skip
-        print(f"held-out accuracy after DPO: {results['heldout']['accuracy']:.1%}")
-    accuracy = results.get("heldout", {}).get("accuracy")
-    save_and_push(trainer, training_args, "dpo", {"heldout_accuracy": accuracy} if accuracy is not None else None)
-    write_json_atomic(output_dir / "results.json", results)
-    return {**results, "log_history": trainer.state.log_history}
+    return finish_recipe(trainer, tokenizer, heldout, script_args, training_args, "dpo", {"pairs": report})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ resumes from the last complete checkpoint, pass-rate statistics included.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from trl import ModelConfig, TrlParser, get_peft_config
@@ -20,13 +19,11 @@ from recipes.common import (
     REWARD_FUNCTIONS,
     TaskArguments,
     defer_hub_push,
-    heldout_accuracy,
+    finish_recipe,
     model_and_tokenizer,
     reward_function,
-    save_and_push,
     task_datasets,
     train_resumably,
-    write_json_atomic,
 )
 from recipes.rl import OnlineRLConfig, OnlineRLTrainer
 
@@ -56,19 +53,7 @@ def main(
         peft_config=get_peft_config(model_args),
     )
     train_resumably(trainer, training_args)
-    results: dict[str, Any] = {}
-    if heldout is not None:
-        results["heldout"] = heldout_accuracy(
-            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
-            batch_size=script_args.heldout_batch_size,
-        )  # fmt: skip
-        print(f"held-out accuracy after online RL: {results['heldout']['accuracy']:.1%}")
-    accuracy = results.get("heldout", {}).get("accuracy")
-    save_and_push(
-        trainer, training_args, "online_rl", {"heldout_accuracy": accuracy} if accuracy is not None else None
-    )
-    write_json_atomic(Path(training_args.output_dir) / "results.json", results)
-    return {**results, "log_history": trainer.state.log_history}
+    return finish_recipe(trainer, tokenizer, heldout, script_args, training_args, "online_rl")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ and trained on the bundled synthetic corpus: worked arithmetic problems rendered
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from datasets import load_dataset
@@ -20,12 +19,10 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 from recipes.common import (
     TaskArguments,
     defer_hub_push,
-    heldout_accuracy,
+    finish_recipe,
     model_and_tokenizer,
-    save_and_push,
     task_datasets,
     train_resumably,
-    write_json_atomic,
 )
 from recipes.synthetic import pretraining_corpus
 
@@ -59,17 +56,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
     defer_hub_push(training_args)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=corpus, processing_class=tokenizer)
     train_resumably(trainer, training_args)
-    results: dict[str, Any] = {}
-    if heldout is not None:
-        results["heldout"] = heldout_accuracy(
-            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
-            batch_size=script_args.heldout_batch_size,
-        )  # fmt: skip
-        print(f"held-out accuracy after pretraining: {results['heldout']['accuracy']:.1%}")
-    accuracy = results.get("heldout", {}).get("accuracy")
-    save_and_push(trainer, training_args, "pretrain", {"heldout_accuracy": accuracy} if accuracy is not None else None)
-    write_json_atomic(Path(training_args.output_dir) / "results.json", results)
-    return {**results, "log_history": trainer.state.log_history}
+    return finish_recipe(trainer, tokenizer, heldout, script_args, training_args, "pretrain")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ from eval.grading import math_answer_correct
 from recipes.common import (
     TaskArguments,
     defer_hub_push,
-    heldout_accuracy,
+    finish_recipe,
     load_model,
     load_tokenizer,
     model_and_tokenizer,
-    save_and_push,
     task_datasets,
     train_resumably,
-    write_json_atomic,
 )
 from recipes.judge import filter_hard, pass_rates
 from recipes.sampling import cached_samples
@@ -84,17 +82,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         peft_config=get_peft_config(model_args),
     )
     train_resumably(trainer, training_args)
-    results: dict[str, Any] = {"filter": report}
-    if heldout is not None:
-        results["heldout"] = heldout_accuracy(
-            trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
-            batch_size=script_args.heldout_batch_size,
-        )  # fmt: skip
-        print(f"held-out accuracy after SFT: {results['heldout']['accuracy']:.1%}")
-    accuracy = results.get("heldout", {}).get("accuracy")
-    save_and_push(trainer, training_args, "sft", {"heldout_accuracy": accuracy} if accuracy is not None else None)
-    write_json_atomic(output_dir / "results.json", results)
-    return {**results, "log_history": trainer.state.log_history}
+    return finish_recipe(trainer, tokenizer, heldout, script_args, training_args, "sft", {"filter": report})
 
 
 if __name__ == "__main__":
