@@ -6,6 +6,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eval import grading
 from eval.grading import (
@@ -101,8 +103,46 @@ def test_math_answer_correct_times_out_as_false(monkeypatch):
 
     monkeypatch.setattr(grading, "_parse_and_verify", slow)
     start = time.perf_counter()
-    assert math_answer_correct(r"\boxed{1}", "1", timeout_seconds=0.2) is False
+    assert math_answer_correct(r"\boxed{\frac{1}{2}}", "0.5", timeout_seconds=0.2) is False
     assert time.perf_counter() - start < 2
+
+
+_INTEGER_TEXT = st.builds(
+    lambda sign, digits: sign + digits, st.sampled_from(["", "-", "+"]), st.from_regex(r"[0-9]{1,4}", fullmatch=True)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    boxed=st.one_of(_INTEGER_TEXT, st.sampled_from(["1.5", "\\frac{3}{2}", "x", "", "1,000", "2^{3}"])),
+    gold=st.one_of(_INTEGER_TEXT, st.sampled_from(["1.5", "\\frac{3}{2}", "8"])),
+    template=st.sampled_from(
+        [
+            "{a} + {b} = {c}. The final answer is \\boxed{{{x}}}.",
+            "Die Antwort lautet \\boxed{{{x}}}.",
+            "\\boxed{{{x}}}",
+            "{a} - {b} = {c}. {c} + {b} = {a}. La respuesta es \\boxed{{{x}}}.",
+            "\\boxed{{{a}}} first, then \\boxed{{{x}}}.",
+            "The answer is {x}.",
+        ]
+    ),
+    a=st.integers(0, 99),
+    b=st.integers(0, 99),
+    c=st.integers(-99, 999),
+)
+def test_integer_fast_path_agrees_with_math_verify(boxed, gold, template, a, b, c):
+    # The shortcut for integer answers must give math-verify's own verdict whenever it answers at all.
+    prediction = template.format(a=a, b=b, c=c, x=boxed)
+    verdict = grading._integer_answer_verdict(prediction, gold)
+    if verdict is not None:
+        assert verdict == grading._parse_and_verify(prediction, gold), (prediction, gold)
+
+
+def test_integer_fast_path_answers_the_synthetic_task_shape():
+    assert grading._integer_answer_verdict("9 + 6 = 15. The final answer is \\boxed{15}.", "15") is True
+    assert grading._integer_answer_verdict("9 + 6 = 15. The final answer is \\boxed{14}.", "15") is False
+    assert grading._integer_answer_verdict("\\boxed{1} or \\boxed{15}", "15") is None  # two boxes: math-verify
+    assert grading._integer_answer_verdict("\\boxed{1.5}", "1.5") is None
 
 
 def test_math_answer_correct_off_the_main_thread():
