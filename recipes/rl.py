@@ -8,7 +8,7 @@
    batch carries signal.
 3. Curriculum. With a difficulty column (`curriculum_column`, e.g. the synthetic task's `level`), only prompts at
    or below a difficulty cap are drawn; the cap rises evenly from the easiest to the hardest level over the first
-   `curriculum_fraction` of training.
+   `curriculum_fraction` of training. Each unlocked level gets an equal share of the draws (`balance_difficulty`).
 
 The trainer draws the prompts itself when it generates (the dataloader only paces the steps), so the draw always
 sees the latest pass rates and a resumed run draws exactly what an uninterrupted one would: the pass-rate table
@@ -56,6 +56,13 @@ class OnlineRLConfig(GRPOConfig):
     )
     curriculum_fraction: float = field(
         default=0.5, metadata={"help": "Share of training over which the difficulty cap rises to the hardest level."}
+    )
+    balance_difficulty: bool = field(
+        default=True,
+        metadata={
+            "help": "Give every unlocked difficulty level the same share of the draws (hard-prompt weights apply "
+            "within a level). Without it the easy levels, whose pass rates sit nearer 0.5, take most draws."
+        },
     )
 
 
@@ -141,6 +148,14 @@ class OnlineRLTrainer(GRPOTrainer):
         cap = self.difficulty_cap()
         if cap is not None:
             weights = weights * (self._difficulty <= cap)
+            if self.args.balance_difficulty:
+                # p(1-p) favours the easy levels (pass rates nearer 0.5) and the filter drops all-wrong hard groups.
+                # Measured on the synthetic task without this: the policy learnt to stop after one equation (27 of
+                # 60 two-step answers, against 8 before RL) and level-3 accuracy fell from 11.4% to 6.1%; with equal
+                # shares per level it stayed at 10.6% while level 1 rose as much.
+                for level in torch.unique(self._difficulty[self._difficulty <= cap]):
+                    in_level = self._difficulty == level
+                    weights[in_level] = weights[in_level] / weights[in_level].sum()
         return weights
 
     def _draw_prompts(self, num_groups: int) -> list[dict[str, Any]]:

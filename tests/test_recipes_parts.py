@@ -2,6 +2,7 @@
 online-RL trainer's prompt sampling, curriculum and group merging."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import recipes.sampling as sampling
 from recipes.common import accuracy_reward, format_reward, last_complete_checkpoint, write_json_atomic
 from recipes.judge import filter_hard, pass_rates
 from recipes.preferences import preference_pairs, total_reward
-from recipes.rl import PromptStats
+from recipes.rl import OnlineRLTrainer, PromptStats
 from recipes.synthetic import LANGUAGES, arithmetic_problems
 
 
@@ -120,3 +121,75 @@ def test_last_complete_checkpoint_skips_half_written_ones(tmp_path):
             write_json_atomic(folder / "trainer_state.json", {"global_step": step})
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def _rl_trainer_stub(difficulty, *, step=0, max_steps=10, balance=True, hard=True):
+    # The sampling methods read only these attributes; a real trainer needs a model and is covered by the resume test.
+    stub = SimpleNamespace(
+        args=SimpleNamespace(
+            hard_prompt_sampling=hard, min_prompt_weight=0.02, curriculum_fraction=0.5, balance_difficulty=balance
+        ),
+        prompt_stats=PromptStats(len(difficulty)),
+        _difficulty=torch.tensor(difficulty, dtype=torch.float64),
+        state=SimpleNamespace(global_step=step, max_steps=max_steps),
+    )
+    stub.difficulty_cap = lambda: OnlineRLTrainer.difficulty_cap(stub)
+    return stub
+
+
+def test_curriculum_cap_rises_over_the_first_fraction_of_training():
+    caps = [OnlineRLTrainer.difficulty_cap(_rl_trainer_stub([1, 2, 3], step=s)) for s in range(11)]
+    assert caps == [1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3]  # 3 levels reached by step 5 of 10 (curriculum_fraction 0.5)
+
+
+def test_prompt_weights_favour_prompts_neither_always_nor_never_solved():
+    stub = _rl_trainer_stub([1, 1, 1, 2], step=10, balance=False)
+    # prompt 0 solved 10/10, prompt 1 5/10, prompt 2 0/10, prompt 3 never drawn
+    stub.prompt_stats.update([0] * 10 + [1] * 10 + [2] * 10, [1.0] * 10 + [0.0, 1.0] * 5 + [0.0] * 10)
+    weights = OnlineRLTrainer.prompt_weights(stub)
+    assert weights.tolist() == pytest.approx([11 / 144 + 0.02, 0.25 + 0.02, 11 / 144 + 0.02, 0.25 + 0.02])
+    uniform = OnlineRLTrainer.prompt_weights(_rl_trainer_stub([1, 1, 1, 2], step=10, balance=False, hard=False))
+    assert uniform.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_prompt_weights_lock_levels_above_the_cap_and_balance_the_open_ones():
+    difficulty = [1, 1, 1, 1, 2, 3]
+    assert OnlineRLTrainer.prompt_weights(_rl_trainer_stub(difficulty, step=0)).tolist()[4:] == [0.0, 0.0]
+    balanced = OnlineRLTrainer.prompt_weights(_rl_trainer_stub(difficulty, step=10))
+    level = torch.tensor(difficulty)
+    assert [balanced[level == k].sum().item() for k in (1, 2, 3)] == pytest.approx([1.0, 1.0, 1.0])
+    unbalanced = OnlineRLTrainer.prompt_weights(_rl_trainer_stub(difficulty, step=10, balance=False))
+    assert unbalanced[level == 1].sum() == pytest.approx(4 * unbalanced[level == 3].sum())
+
+
+def test_concat_groups_repads_prompts_left_and_completions_right():
+    stub = SimpleNamespace(
+        num_generations=2,
+        _tokenizer=SimpleNamespace(pad_token_id=0),
+        accelerator=SimpleNamespace(gather=lambda tensor: tensor.reshape(-1)),
+    )
+    first = {  # two groups of two rows; prompts 2 wide, completions 1 wide
+        "prompt_ids": torch.tensor([[0, 5], [0, 5], [6, 7], [6, 7]]),
+        "prompt_mask": torch.tensor([[0, 1], [0, 1], [1, 1], [1, 1]]),
+        "completion_ids": torch.tensor([[8], [9], [8], [9]]),
+        "completion_mask": torch.ones(4, 1, dtype=torch.long),
+        "advantages": torch.tensor([1.0, -1.0, 0.0, 0.0]),
+        "old_per_token_logps": None,
+        "num_items_in_batch": torch.tensor(4),
+    }
+    second = {  # one group; prompt 3 wide, completions 2 wide
+        "prompt_ids": torch.tensor([[1, 2, 3], [1, 2, 3]]),
+        "prompt_mask": torch.ones(2, 3, dtype=torch.long),
+        "completion_ids": torch.tensor([[4, 4], [4, 0]]),
+        "completion_mask": torch.tensor([[1, 1], [1, 0]]),
+        "advantages": torch.tensor([0.5, -0.5]),
+        "old_per_token_logps": None,
+        "num_items_in_batch": torch.tensor(3),
+    }
+    merged = OnlineRLTrainer._concat_groups(stub, [(first, [0]), (second, [0])])
+    assert merged["prompt_ids"].tolist() == [[0, 0, 5], [0, 0, 5], [1, 2, 3], [1, 2, 3]]
+    assert merged["prompt_mask"].tolist() == [[0, 0, 1], [0, 0, 1], [1, 1, 1], [1, 1, 1]]
+    assert merged["completion_ids"].tolist() == [[8, 0], [9, 0], [4, 4], [4, 0]]
+    assert merged["completion_mask"].tolist() == [[1, 0], [1, 0], [1, 1], [1, 0]]
+    assert merged["advantages"].tolist() == [1.0, -1.0, 0.5, -0.5]
+    assert merged["old_per_token_logps"] is None and merged["num_items_in_batch"].item() == 5
