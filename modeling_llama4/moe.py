@@ -103,53 +103,64 @@ def _new_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
-def _load_mkl_set_num_threads_local():
-    # MKL's documented per-thread override, exported by torch's own MKL (torch.set_num_threads calls it too).
-    if not (sys.platform.startswith("linux") and torch.backends.mkl.is_available()):
+def _torch_library_function(library: str, name: str, restype, *argtypes):
+    """A C function from a library shipped in torch/lib (already loaded by torch), or None."""
+    if not sys.platform.startswith("linux"):
         return None
     try:
-        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        setter = library.MKL_Set_Num_Threads_Local  # the C (by-value) entry point
+        function = getattr(ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", library)), name)
     except (OSError, AttributeError):
         return None
-    setter.argtypes = [ctypes.c_int]
-    setter.restype = ctypes.c_int
-    return setter
+    function.argtypes, function.restype = list(argtypes), restype
+    return function
 
 
-_MKL_SET_NUM_THREADS_LOCAL = _load_mkl_set_num_threads_local()
+# Per-thread thread counts of torch's MKL (its documented C entry point; torch.set_num_threads calls it too)
+# and of torch's OpenMP (the calling thread's ICV, which at::parallel_for uses). Both None where torch has neither.
+_MKL_SET_NUM_THREADS_LOCAL = (
+    _torch_library_function("libtorch_cpu.so", "MKL_Set_Num_Threads_Local", ctypes.c_int, ctypes.c_int)
+    if torch.backends.mkl.is_available()
+    else None
+)
+_OMP_SET_NUM_THREADS = _torch_library_function("libgomp.so.1", "omp_set_num_threads", None, ctypes.c_int)
 _POOL_LOCK = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] = (0, 0)  # (workers, pid)
 
 
+def _single_threaded_here() -> int:
+    """Make this thread's MKL and OpenMP (at::parallel_for) run single-threaded; returns MKL's previous setting."""
+    torch.get_num_threads()  # torch's lazy per-thread init first, or it would reset the settings below later
+    if _OMP_SET_NUM_THREADS is not None:
+        _OMP_SET_NUM_THREADS(1)
+    return _MKL_SET_NUM_THREADS_LOCAL(1)
+
+
 def _worker_pool(workers: int) -> ThreadPoolExecutor:
-    """Helper threads whose MKL runs single-threaded; rebuilt after a fork or a change of torch's thread count."""
+    """Single-threaded helper threads; rebuilt after a fork or a change of torch's thread count."""
     global _pool, _pool_key
     with _POOL_LOCK:
         if _pool is None or _pool_key != (workers, os.getpid()):
             if _pool is not None and _pool_key[1] == os.getpid():
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(
-                workers, "llama4-experts", initializer=_MKL_SET_NUM_THREADS_LOCAL, initargs=(1,)
-            )
+            _pool = ThreadPoolExecutor(workers, "llama4-experts", initializer=_single_threaded_here)
             _pool_key = (workers, os.getpid())
         return _pool
 
 
 def _no_grad_call(work: Callable[[int, int], None], first: int, stop: int) -> None:
-    with torch.no_grad():  # grad mode is per thread; the helpers only write into preallocated outputs
+    with torch.no_grad():  # grad mode is per thread; the work only writes into preallocated outputs
         work(first, stop)
 
 
 def _over_experts(work: Callable[[int, int], None], counts: list[int]) -> None:
     """Run `work(first, stop)` over all experts, split into contiguous expert ranges of about equal row counts,
-    one per torch thread, each range's GEMMs single-threaded.
+    one per torch thread, each range single-threaded.
 
     At 2 threads MKL's own threading of a ~32-row GEMM scales poorly (measured 26 -> 39 GFLOP/s for x @ W_gate_up,
     35 -> 40 for the input gradient) and collapses when another process holds a core (its threads spin-wait:
     2-9 GFLOP/s); one expert range per thread does not. Every output element is still written by exactly one
-    GEMM, so results do not depend on the thread count or timing.
+    thread in a fixed order, so results do not depend on thread timing.
     """
     threads = torch.get_num_threads()
     total = sum(counts)
@@ -164,15 +175,17 @@ def _over_experts(work: Callable[[int, int], None], counts: list[int]) -> None:
             part += 1
     cuts += [len(counts)] * (threads + 1 - len(cuts))
     pool = _worker_pool(threads - 1)
-    previous = _MKL_SET_NUM_THREADS_LOCAL(1)
     futures: list[Future] = []
+    previous_mkl = _single_threaded_here()
     try:
         futures = [pool.submit(_no_grad_call, work, cuts[i], cuts[i + 1]) for i in range(1, threads)]
         work(cuts[0], cuts[1])
     finally:
         for future in futures:
             future.exception()  # wait for every helper before the buffers they write can be released
-        _MKL_SET_NUM_THREADS_LOCAL(previous)
+        _MKL_SET_NUM_THREADS_LOCAL(previous_mkl)
+        if _OMP_SET_NUM_THREADS is not None:
+            _OMP_SET_NUM_THREADS(threads)
     for future in futures:
         future.result()
 
@@ -182,58 +195,17 @@ def _groups(tensor: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, ...]
     return tensor.split([*counts, tensor.shape[0] - sum(counts)])[:-1]
 
 
-def _expert_mm(rows: torch.Tensor, weight: torch.Tensor, counts: list[int], out: torch.Tensor) -> None:
-    """out_e = rows_e @ weight[e] for each expert e with rows (row blocks as in `_groups`)."""
-    rows_e, weight_e, out_e = _groups(rows, counts), weight.unbind(0), _groups(out, counts)
-
-    def work(first: int, stop: int) -> None:
-        for e in range(first, stop):
-            if counts[e]:
-                torch.mm(rows_e[e], weight_e[e], out=out_e[e])
-
-    _over_experts(work, counts)
-
-
-def _expert_mm_and_weight_grad(
-    grad: torch.Tensor,
-    weight: torch.Tensor,
-    rows: torch.Tensor | None,
-    counts: list[int],
-    out: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """Backward of `rows_e @ weight[e]` per expert, in one pass over the experts (grad_e read while in cache).
-
-    Writes the input gradient grad_e @ weight[e]^T into `out` when given; returns the (E, in, out) weight gradient
-    rows_e^T @ grad_e (zero for experts without rows) when `rows` is given."""
-    grad_e, weight_t = _groups(grad, counts), weight.transpose(1, 2).unbind(0)
-    out_e = None if out is None else _groups(out, counts)
-    rows_e = None if rows is None else _groups(rows, counts)
-    weight_grad = None if rows is None else _new_buffer(tuple(weight.shape), weight)
-    weight_grad_e = None if weight_grad is None else weight_grad.unbind(0)
-
-    def work(first: int, stop: int) -> None:
-        for e in range(first, stop):
-            if counts[e]:
-                if out_e is not None:
-                    torch.mm(grad_e[e], weight_t[e], out=out_e[e])
-                if weight_grad_e is not None:
-                    torch.mm(rows_e[e].t(), grad_e[e], out=weight_grad_e[e])
-            elif weight_grad_e is not None:
-                weight_grad_e[e].zero_()
-
-    _over_experts(work, counts)
-    return weight_grad
-
-
 class _RoutedSwiGLU(torch.autograd.Function):
     """The routed experts' SwiGLU on CPU, `(silu(x @ Wg) * (x @ Wu)) @ Wd` per expert, with a hand-written backward.
 
     Measured single-threaded on the benchmark machine (128 experts, ~32 rows each, H=256, I=512): autograd's
     backward of `grouped_mm` on CPU computes each weight gradient at 17-18 GFLOP/s (a slower kernel for
-    `rows^T @ grad` and a fresh, small-page output); one `mm(..., out=)` per non-empty expert into a huge-page
-    gradient runs it at ~40 GFLOP/s. The other four GEMMs run at 35-44 GFLOP/s either way; a padded `bmm` is slower
-    for all six (padding to the fullest expert wastes ~45% of its FLOPs). One autograd node, no split/cat copies,
-    every large buffer from `_new_buffer`, and elementwise steps written in place or into their destination.
+    `rows^T @ grad` and a fresh, small-page output); one `mm(..., out=)` per expert into a huge-page gradient runs
+    it at ~40 GFLOP/s. The other four GEMMs run at 35-44 GFLOP/s either way; a padded `bmm` is slower for all six
+    (padding to the fullest expert wastes ~45% of its FLOPs). One autograd node, no split/cat copies, and one pass
+    over the experts each way: per expert its GEMMs and its elementwise steps on cache-resident rows, the
+    temporaries in small per-thread buffers reused across experts. Saved for backward: the input rows and
+    `x @ W_gate_up`; `silu(gate) * up` is recomputed per expert.
 
     rows: (N, H) sorted by expert; rows past `sum(counts)` belong to no local expert: their output and input
     gradient are zero. counts: rows per expert (host ints). Deterministic: every output element is written by
@@ -242,40 +214,69 @@ class _RoutedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, gate_up_proj, down_proj, counts):  # noqa: D102
-        total, inter = sum(counts), down_proj.shape[1]
+        total, inter, largest = sum(counts), down_proj.shape[1], max(counts, default=0)
         gate_up = _new_buffer((total, 2 * inter), rows)
-        _expert_mm(rows, gate_up_proj, counts, gate_up)
-        act = torch.ops.aten.silu.out(gate_up[:, :inter], out=_new_buffer((total, inter), rows))
-        hidden = torch.mul(act, gate_up[:, inter:], out=_new_buffer((total, inter), rows))  # the down GEMM's input
         out = _new_buffer((rows.shape[0], down_proj.shape[2]), rows)
-        _expert_mm(hidden, down_proj, counts, out)
+        rows_e, gate_up_e, out_e = _groups(rows, counts), _groups(gate_up, counts), _groups(out, counts)
+        gate_up_w, down_w = gate_up_proj.unbind(0), down_proj.unbind(0)
+
+        def work(first: int, stop: int) -> None:
+            act, hidden = rows.new_empty(largest, inter), rows.new_empty(largest, inter)
+            for e in range(first, stop):
+                if n := counts[e]:
+                    torch.mm(rows_e[e], gate_up_w[e], out=gate_up_e[e])
+                    torch.ops.aten.silu.out(gate_up_e[e][:, :inter], out=act[:n])
+                    torch.mul(act[:n], gate_up_e[e][:, inter:], out=hidden[:n])
+                    torch.mm(hidden[:n], down_w[e], out=out_e[e])
+
+        _over_experts(work, counts)
         out[total:] = 0
-        ctx.save_for_backward(rows, gate_up_proj, down_proj, gate_up, act, hidden)
+        ctx.save_for_backward(rows, gate_up_proj, down_proj, gate_up)
         ctx.counts = counts
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        rows, gate_up_proj, down_proj, gate_up, act, hidden = ctx.saved_tensors
+        rows, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
         counts = ctx.counts
-        total, inter = gate_up.shape[0], down_proj.shape[1]
+        total, inter, largest = gate_up.shape[0], down_proj.shape[1], max(counts, default=0)
+        need_rows, need_gate_up, need_down = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous()
+        grad_rows = _new_buffer(tuple(rows.shape), grad_out) if need_rows else None
+        grad_gate_up_proj = _new_buffer(tuple(gate_up_proj.shape), gate_up_proj) if need_gate_up else None
+        grad_down_proj = _new_buffer(tuple(down_proj.shape), down_proj) if need_down else None
+        rows_e, gate_up_e, grad_out_e = _groups(rows, counts), _groups(gate_up, counts), _groups(grad_out, counts)
+        grad_rows_e = _groups(grad_rows, counts) if need_rows else None
+        gate_up_wt, down_wt = gate_up_proj.transpose(1, 2).unbind(0), down_proj.transpose(1, 2).unbind(0)
+        grad_gate_up_w = grad_gate_up_proj.unbind(0) if need_gate_up else None
+        grad_down_w = grad_down_proj.unbind(0) if need_down else None
 
-        grad_hidden = _new_buffer((total, inter), grad_out)
-        grad_down_proj = _expert_mm_and_weight_grad(
-            grad_out, down_proj, hidden if ctx.needs_input_grad[2] else None, counts, grad_hidden
-        )
-        # hidden = silu(gate) * up: d up = d hidden * silu(gate), d gate = silu'(gate) * d hidden * up.
-        grad_gate_up = _new_buffer((total, 2 * inter), grad_out)
-        torch.mul(grad_hidden, act, out=grad_gate_up[:, inter:])
-        grad_hidden.mul_(gate_up[:, inter:])
-        torch.ops.aten.silu_backward.grad_input(grad_hidden, gate_up[:, :inter], grad_input=grad_gate_up[:, :inter])
-        del grad_hidden
+        def work(first: int, stop: int) -> None:
+            act, hidden = grad_out.new_empty(largest, inter), grad_out.new_empty(largest, inter)
+            grad_hidden, grad_gate_up = grad_out.new_empty(largest, inter), grad_out.new_empty(largest, 2 * inter)
+            for e in range(first, stop):
+                n = counts[e]
+                if not n:
+                    for grad_w in (grad_gate_up_w, grad_down_w):
+                        if grad_w is not None:
+                            grad_w[e].zero_()
+                    continue
+                gate, up = gate_up_e[e][:, :inter], gate_up_e[e][:, inter:]
+                torch.ops.aten.silu.out(gate, out=act[:n])
+                torch.mm(grad_out_e[e], down_wt[e], out=grad_hidden[:n])
+                if need_down:
+                    torch.mul(act[:n], up, out=hidden[:n])  # the down GEMM's input, recomputed
+                    torch.mm(hidden[:n].t(), grad_out_e[e], out=grad_down_w[e])
+                # hidden = silu(gate) * up: d up = d hidden * silu(gate), d gate = silu'(gate) * d hidden * up.
+                torch.mul(grad_hidden[:n], act[:n], out=grad_gate_up[:n, inter:])
+                grad_hidden[:n].mul_(up)
+                torch.ops.aten.silu_backward.grad_input(grad_hidden[:n], gate, grad_input=grad_gate_up[:n, :inter])
+                if need_rows:
+                    torch.mm(grad_gate_up[:n], gate_up_wt[e], out=grad_rows_e[e])
+                if need_gate_up:
+                    torch.mm(rows_e[e].t(), grad_gate_up[:n], out=grad_gate_up_w[e])
 
-        grad_rows = _new_buffer(tuple(rows.shape), grad_out) if ctx.needs_input_grad[0] else None
-        grad_gate_up_proj = _expert_mm_and_weight_grad(
-            grad_gate_up, gate_up_proj, rows if ctx.needs_input_grad[1] else None, counts, grad_rows
-        )
+        _over_experts(work, counts)
         if grad_rows is not None:
             grad_rows[total:] = 0
         return grad_rows, grad_gate_up_proj, grad_down_proj, None
@@ -323,6 +324,9 @@ class Llama4TextExperts(nn.Module):
             expert_in = hidden_states[order // top_k].to(gate_up_proj.dtype)  # (N*k, H)
             counts = tokens_per_expert.tolist()  # a host copy, free on CPU
             expert_out = _RoutedSwiGLU.apply(expert_in, gate_up_proj, down_proj, counts)  # (N*k, H)
+            # Llama4TextMoe passes unit weights (its scores went on the input): skip a multiply pass each way.
+            if not expert_weights.requires_grad and bool((expert_weights == 1).all()):
+                expert_weights = None
         else:
             # Foreign rows sit after the last group; the grouped GEMM leaves their outputs (and input gradients)
             # unwritten, so they are zeroed on both sides. A mask, not a slice: no host sync per layer.
@@ -331,10 +335,13 @@ class Llama4TextExperts(nn.Module):
             gate, up = grouped_matmul(expert_in, gate_up_proj, tokens_per_expert).chunk(2, dim=-1)  # (N*k, I) x2
             expert_out = grouped_matmul(up * self.act_fn(gate), down_proj, tokens_per_expert)  # (N*k, H)
             expert_out = expert_out.masked_fill(foreign, 0.0)
-        expert_out = expert_out * expert_weights.reshape(-1, 1)[order].to(expert_out.dtype)
+        if expert_weights is not None:
+            expert_out = expert_out * expert_weights.reshape(-1, 1)[order].to(expert_out.dtype)
 
         # Back to (row, k) order and sum over k: deterministic, unlike index_add_ on CUDA.
         unsorted = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
+        if top_k == 1:
+            return unsorted  # (N, H); summing over one choice would only copy
         return unsorted.view(num_rows, top_k, self.hidden_size).sum(dim=1)  # (N, H)
 
 
@@ -433,5 +440,6 @@ class Llama4TextMoe(nn.Module):
         routed_in = hidden_states.repeat_interleave(self.top_k, dim=0) * expert_scores.reshape(-1, 1)  # (T*k, H)
         unit = torch.ones_like(expert_scores).reshape(-1, 1)
         routed = self.experts(routed_in, expert_indices.reshape(-1, 1), unit)  # (T*k, H)
-        routed = routed.view(-1, self.top_k, self.hidden_dim).sum(dim=1)  # (T, H)
+        if self.top_k > 1:
+            routed = routed.view(-1, self.top_k, self.hidden_dim).sum(dim=1)  # (T, H)
         return self.shared_expert(hidden_states) + routed, router_logits
