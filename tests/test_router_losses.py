@@ -93,7 +93,9 @@ def test_balancing_loss_evens_out_expert_load_in_training():
                 layer.feed_forward.router.weight[0] += 0.3 * layer.feed_forward.router.weight.abs().mean(0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         data = torch.Generator().manual_seed(1)
-        for _ in range(40):
+        # 60 steps, not 40: at 40 the margin was within rounding (0.62x vs the 0.6x bound with single-threaded
+        # GEMMs, passing only with MKL's 2-thread rounding); at 60 the balanced run is clearly apart.
+        for _ in range(60):
             batch = torch.randint(3, 96, (8, 32), generator=data)
             model(batch, labels=batch, output_router_logits=True).loss.backward()
             optimizer.step()
