@@ -197,6 +197,7 @@ def heldout_accuracy(
         "accuracy": sum(correct) / len(correct),
         "boxed_rate": sum(extract_boxed(samples[0]) is not None for samples in completions) / len(completions),
         "num_problems": len(correct),
+        "correct": [int(ok) for ok in correct],  # per problem, for paired comparisons between stages
     }
     for column in ("level", "language"):
         if column in dataset.column_names:

@@ -13,6 +13,7 @@ stage resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,22 +117,37 @@ def summarize(name: str, results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def paired_change(before: list[int], after: list[int]) -> dict[str, Any]:
+    """Problems a stage newly solved and newly failed, with the two-sided sign-test p-value (McNemar's exact test):
+    the probability of a split at least this uneven if the stage changed answers at random."""
+    if len(before) != len(after):
+        raise ValueError(f"stages were evaluated on different held-out sets ({len(before)} vs {len(after)} problems)")
+    gained = sum(1 for b, a in zip(before, after) if a and not b)
+    lost = sum(1 for b, a in zip(before, after) if b and not a)
+    changed = gained + lost
+    tail = sum(math.comb(changed, k) for k in range(min(gained, lost) + 1)) / 2**changed if changed else 1.0
+    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
+
+
 def write_report(output_dir: Path, stages: list[dict[str, Any]]) -> None:
     write_json_atomic(output_dir / "results.json", {"stages": stages})
     lines = [
         "# Llama 4 pipeline report",
         "",
-        "Held-out accuracy (greedy pass@1) after each stage.",
+        "Held-out accuracy (greedy pass@1) after each stage. Against the previous stage: the problems it newly",
+        "solved and newly failed, and the sign test's p-value for that split.",
         "",
-        "| stage | accuracy | by level | boxed | final loss | time (s) |",
-        "|---|---|---|---|---|---|",
+        "| stage | accuracy | by level | vs previous stage: solved / lost (p) | boxed | final loss | time (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for stage in stages:
         levels = ", ".join(f"{k}: {v:.0%}" for k, v in (stage["accuracy_by_level"] or {}).items())
         loss = f"{stage['final_loss']:.3f}" if stage["final_loss"] is not None else "-"
+        change = stage.get("vs_previous")
+        change = f"+{change['gained']} / -{change['lost']} (p={change['p_value']:.2g})" if change else "-"
         lines.append(
-            f"| {stage['name']} | {stage['accuracy']:.1%} | {levels} | {stage['boxed_rate']:.0%} | {loss} | "
-            f"{stage['seconds']} |"
+            f"| {stage['name']} | {stage['accuracy']:.1%} | {levels} | {change} | {stage['boxed_rate']:.0%} | "
+            f"{loss} | {stage['seconds']} |"
         )
     for stage in stages:
         if "filter" in stage:
@@ -177,10 +193,15 @@ def main(args: PipelineArguments) -> list[dict[str, Any]]:
     output_dir = Path(args.output_dir)
     model_path = args.model_name_or_path
     summaries = []
+    previous_correct = None
     for spec in args.stages:
         stage_dir = output_dir / spec["name"]
         results = run_stage(spec, model_path, stage_dir, dict(args.shared or {}))
         summaries.append(summarize(spec["name"], results))
+        correct = results.get("heldout", {}).get("correct")
+        if previous_correct is not None and correct is not None:
+            summaries[-1]["vs_previous"] = paired_change(previous_correct, correct)
+        previous_correct = correct
         write_report(output_dir, summaries)
         model_path = str(stage_dir)
         print(f"[{spec['name']}] held-out accuracy {summaries[-1]['accuracy']:.1%}")

@@ -45,6 +45,11 @@ def test_pipeline_runs_every_stage_writes_results_and_skips_finished_stages(tmp_
         assert 0.0 <= stage["accuracy"] <= 1.0 and stage["loss_curve"], stage["name"]
         assert (tmp_path / "run" / stage["name"] / "model.safetensors").is_file()
     assert results["stages"][1]["filter"]["total"] == 16
+    for before, after in zip(results["stages"], results["stages"][1:]):  # paired change on the same 8 problems
+        change = after["vs_previous"]
+        assert change["gained"] + change["lost"] <= 8 and 0.0 < change["p_value"] <= 1.0
+        assert after["accuracy"] - before["accuracy"] == pytest.approx((change["gained"] - change["lost"]) / 8)
+    assert "vs_previous" not in results["stages"][0]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| dpo |" in report and "judge filter kept" in report
     assert (tmp_path / "run" / "results.png").stat().st_size > 10_000

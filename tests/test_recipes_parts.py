@@ -193,3 +193,15 @@ def test_concat_groups_repads_prompts_left_and_completions_right():
     assert merged["completion_mask"].tolist() == [[1, 0], [1, 0], [1, 1], [1, 0]]
     assert merged["advantages"].tolist() == [1.0, -1.0, 0.5, -0.5]
     assert merged["old_per_token_logps"] is None and merged["num_items_in_batch"].item() == 5
+
+
+def test_paired_change_is_the_exact_sign_test():
+    from recipes.pipeline import paired_change
+
+    before, after = [0] * 10 + [1] * 3 + [1] * 7, [1] * 10 + [0] * 3 + [1] * 7
+    change = paired_change(before, after)
+    assert (change["gained"], change["lost"]) == (10, 3)
+    assert change["p_value"] == pytest.approx(0.0922852, abs=1e-6)  # scipy.stats.binomtest(3, 13).pvalue
+    assert paired_change([1, 0], [1, 0])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="different held-out sets"):
+        paired_change([1, 0], [1])
