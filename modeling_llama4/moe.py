@@ -2,7 +2,9 @@
 
 transformers' built-in block multiplies every token by every expert (`hidden_states.repeat(E, 1)`),
 so Scout pays 16x and Maverick 128x the expert FLOPs it needs. Here each token goes only to its top-k
-experts: assignments are sorted by expert and two grouped GEMMs run the experts over their own rows.
+experts: assignments are sorted by expert and two grouped GEMMs run the experts over their own rows
+(on CUDA torch's grouped GEMM under autograd; on CPU `_RoutedSwiGLU`, per-expert GEMMs with a hand-written
+backward, split across torch's threads by expert).
 Numerics are the built-in's: sigmoid of the raw top-k router logits scales the expert INPUT, the
 shared expert is added unweighted, and the fused weights keep their layout
 (`gate_up_proj` (E, H, 2I) used as `x @ W`, `down_proj` (E, I, H)).
