@@ -27,6 +27,9 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.callbacks import SyncRefModelCallback
+from trl.trainer.utils import add_fused_lm_head, get_config_model_id
 
 from .common import write_json_atomic
 
@@ -119,6 +122,7 @@ class OnlineRLTrainer(GRPOTrainer):
                 f"pass_rate_reward {config.pass_rate_reward!r} is not among the reward functions "
                 f"{self.reward_func_names}"
             )
+        self._reference_in_our_class()
         self.prompt_stats = PromptStats(len(train_dataset))
         column = config.curriculum_column
         self._difficulty = (
@@ -127,6 +131,29 @@ class OnlineRLTrainer(GRPOTrainer):
             else None
         )
         self._last_rewards: torch.Tensor | None = None
+
+    def _reference_in_our_class(self) -> None:
+        """With `beta > 0` TRL loads the reference model from the policy's path with `AutoModelForCausalLM`, which
+        picks transformers' built-in Llama 4 even for our checkpoints; its fused log-prob forward then fails
+        (`base_model_prefix` "language_model" names no attribute of the built-in `Llama4ForCausalLM`). Reload it
+        with the policy's own class from the same path, prepared the way TRL prepares its reference."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is None or type(self.accelerator.unwrap_model(self.ref_model)) is type(policy):
+            return
+        init_kwargs = dict(self.args.model_init_kwargs or {})
+        reference = type(policy).from_pretrained(get_config_model_id(policy.config), dtype=policy.dtype, **init_kwargs)
+        reference.eval().requires_grad_(False)
+        add_fused_lm_head(reference, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        if self.is_deepspeed_enabled:
+            reference = prepare_deepspeed(reference, self.accelerator)
+        elif self.is_fsdp_enabled:
+            reference = prepare_fsdp(reference, self.accelerator)
+        else:
+            reference = self.accelerator.prepare_model(reference, evaluation_mode=True)
+        self.ref_model = reference
+        for callback in self.callback_handler.callbacks:  # sync_ref_model: the callback must update this copy
+            if isinstance(callback, SyncRefModelCallback):
+                callback.ref_model = reference
 
     # -- drawing prompts -----------------------------------------------------------------------------------------
 

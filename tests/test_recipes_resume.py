@@ -39,7 +39,8 @@ RECIPES = {
     "dpo": (
         dpo, dpo.DPOScriptArguments, DPOConfig,
         ["--reward_funcs", "tests.recipe_rewards.digit_share_reward", "--pair_samples", "2",
-         "--pair_max_new_tokens", "8", "--per_device_train_batch_size", "4", "--max_length", "128"],
+         "--pair_max_new_tokens", "8", "--per_device_train_batch_size", "4", "--max_length", "128",
+         "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "5.0"],  # the shipped loss: DPO + NLL
     ),
 }  # fmt: skip
 
@@ -99,3 +100,22 @@ def test_recipe_resumes_after_a_crash_to_the_same_weights(name, tiny_policy, tmp
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
     if start is not None:  # training moved the weights, so the equality above says something
         assert any(not torch.equal(straight[key], start[key]) for key in straight)
+
+
+def test_online_rl_with_a_kl_term_uses_our_class_for_the_reference(tiny_policy, tmp_path, monkeypatch):
+    # With beta > 0 TRL would load the reference as transformers' built-in class, whose fused log-prob forward
+    # fails; the trainer reloads it in ours, and the KL term is then computed and logged.
+    references = []
+    original_init = online_rl.OnlineRLTrainer._reference_in_our_class
+
+    def spy(trainer):
+        original_init(trainer)
+        references.append(trainer.accelerator.unwrap_model(trainer.ref_model))
+
+    monkeypatch.setattr(online_rl.OnlineRLTrainer, "_reference_in_our_class", spy)
+    module, script_cls, config_cls, extra = RECIPES["online_rl"]
+    argv = ["--model_name_or_path", tiny_policy, "--output_dir", str(tmp_path), *COMMON, *extra, "--beta", "0.04"]
+    results = module.main(*TrlParser((script_cls, config_cls, ModelConfig)).parse_args_and_config(argv))
+    assert type(references[0]) is Llama4ForCausalLM
+    assert not references[0].training and not any(p.requires_grad for p in references[0].parameters())
+    assert any("kl" in entry for entry in results["log_history"])
