@@ -150,8 +150,10 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _no_grad_call(work: Callable[[int, int], None], first: int, stop: int) -> None:
-    with torch.no_grad():  # grad mode is per thread; the work only writes into preallocated outputs
+def _no_grad_call(work: Callable[[int, int], None], first: int, stop: int, inference: bool) -> None:
+    # Grad and inference mode are per thread: the buffers were made in the caller's mode (inference tensors under
+    # `torch.inference_mode`, which only that mode may write), and the work only writes into them.
+    with torch.inference_mode(inference), torch.no_grad():
         work(first, stop)
 
 
@@ -180,7 +182,8 @@ def _over_experts(work: Callable[[int, int], None], counts: list[int]) -> None:
     futures: list[Future] = []
     previous_mkl = _single_threaded_here()
     try:
-        futures = [pool.submit(_no_grad_call, work, cuts[i], cuts[i + 1]) for i in range(1, threads)]
+        inference = torch.is_inference_mode_enabled()
+        futures = [pool.submit(_no_grad_call, work, cuts[i], cuts[i + 1], inference) for i in range(1, threads)]
         work(cuts[0], cuts[1])
     finally:
         for future in futures:

@@ -238,3 +238,23 @@ def test_hand_written_expert_backward_under_gradient_checkpointing():
     checkpointed = torch.autograd.grad(checkpointed_out.square().sum(), params)
     for got, want in zip(checkpointed, plain):
         assert torch.equal(got, want)
+
+
+def test_expert_threads_run_under_inference_mode():
+    # The expert ranges run on helper threads, which do not inherit the caller's inference mode; generation under
+    # `torch.inference_mode` must still work and give the no-grad result.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        block = Llama4TextMoe(Llama4TextConfig(**tiny_text_kwargs(num_local_experts=4)))
+        for parameter in block.parameters():
+            torch.nn.init.normal_(parameter, std=0.1)
+        hidden = torch.randn(64, block.hidden_dim)
+        with torch.inference_mode():
+            inference_out, _ = block(hidden)
+        with torch.no_grad():
+            no_grad_out, _ = block(hidden)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(inference_out.clone(), no_grad_out, rtol=0, atol=0)
