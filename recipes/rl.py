@@ -17,19 +17,21 @@ and draw counter are saved in every checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
+from transformers import PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import add_fused_lm_head, get_config_model_id
+from trl.trainer import grpo_trainer
 
 from .common import write_json_atomic
 
@@ -103,13 +105,34 @@ class PromptStats:
 _LEFT_PADDED = {"prompt_ids", "prompt_mask"}
 
 
+@contextmanager
+def _reference_loaded_as(model_class: type[PreTrainedModel] | None) -> Iterator[None]:
+    """With `beta > 0` GRPOTrainer loads the reference model from the policy's path with `AutoModelForCausalLM`,
+    which picks transformers' built-in Llama 4 even for our checkpoints, and its fused log-prob forward then fails
+    (`base_model_prefix` "language_model" names no attribute of the built-in class). While the trainer is built,
+    have that one load use the policy's own class instead, so the reference is loaded once, in our class."""
+    if model_class is None:
+        yield
+        return
+    original = grpo_trainer.create_model_from_path
+    grpo_trainer.create_model_from_path = functools.partial(original, architecture=model_class)
+    try:
+        yield
+    finally:
+        grpo_trainer.create_model_from_path = original
+
+
 class OnlineRLTrainer(GRPOTrainer):
     """`GRPOTrainer` with hard-prompt sampling, zero-variance group filtering and a difficulty curriculum."""
 
     def __init__(self, *args, train_dataset: Dataset, **kwargs):
         if "prompt_index" not in train_dataset.column_names:
             train_dataset = train_dataset.add_column("prompt_index", list(range(len(train_dataset))))
-        super().__init__(*args, train_dataset=train_dataset, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        with _reference_loaded_as(type(model) if isinstance(model, PreTrainedModel) else None):
+            super().__init__(*args, train_dataset=train_dataset, **kwargs)
+        if self.ref_model is not None:  # frozen: TRL only runs it under no_grad, but leaves it trainable
+            self.accelerator.unwrap_model(self.ref_model).requires_grad_(False)
         config: OnlineRLConfig = self.args
         local_rows = config.per_device_train_batch_size * config.steps_per_generation
         if local_rows % self.num_generations:
@@ -122,7 +145,6 @@ class OnlineRLTrainer(GRPOTrainer):
                 f"pass_rate_reward {config.pass_rate_reward!r} is not among the reward functions "
                 f"{self.reward_func_names}"
             )
-        self._reference_in_our_class()
         self.prompt_stats = PromptStats(len(train_dataset))
         column = config.curriculum_column
         self._difficulty = (
@@ -131,29 +153,6 @@ class OnlineRLTrainer(GRPOTrainer):
             else None
         )
         self._last_rewards: torch.Tensor | None = None
-
-    def _reference_in_our_class(self) -> None:
-        """With `beta > 0` TRL loads the reference model from the policy's path with `AutoModelForCausalLM`, which
-        picks transformers' built-in Llama 4 even for our checkpoints; its fused log-prob forward then fails
-        (`base_model_prefix` "language_model" names no attribute of the built-in `Llama4ForCausalLM`). Reload it
-        with the policy's own class from the same path, prepared the way TRL prepares its reference."""
-        policy = self.accelerator.unwrap_model(self.model)
-        if self.ref_model is None or type(self.accelerator.unwrap_model(self.ref_model)) is type(policy):
-            return
-        init_kwargs = dict(self.args.model_init_kwargs or {})
-        reference = type(policy).from_pretrained(get_config_model_id(policy.config), dtype=policy.dtype, **init_kwargs)
-        reference.eval().requires_grad_(False)
-        add_fused_lm_head(reference, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-        if self.is_deepspeed_enabled:
-            reference = prepare_deepspeed(reference, self.accelerator)
-        elif self.is_fsdp_enabled:
-            reference = prepare_fsdp(reference, self.accelerator)
-        else:
-            reference = self.accelerator.prepare_model(reference, evaluation_mode=True)
-        self.ref_model = reference
-        for callback in self.callback_handler.callbacks:  # sync_ref_model: the callback must update this copy
-            if isinstance(callback, SyncRefModelCallback):
-                callback.ref_model = reference
 
     # -- drawing prompts -----------------------------------------------------------------------------------------
 

@@ -41,12 +41,8 @@ def routings(draw):
     return num_experts, top_k, rows, hidden, intermediate, seed
 
 
-@settings(max_examples=60, deadline=None)
-@given(routings())
-def test_sparse_experts_match_dense_reference(routing):
-    num_experts, top_k, rows, hidden, intermediate, seed = routing
-    torch.manual_seed(seed)
-    config = Llama4TextConfig(
+def _experts_config(num_experts: int, top_k: int, hidden: int, intermediate: int) -> Llama4TextConfig:
+    return Llama4TextConfig(
         **tiny_text_kwargs(
             num_local_experts=num_experts,
             num_experts_per_tok=top_k,
@@ -56,6 +52,14 @@ def test_sparse_experts_match_dense_reference(routing):
             intermediate_size=intermediate,
         )
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(routings())
+def test_sparse_experts_match_dense_reference(routing):
+    num_experts, top_k, rows, hidden, intermediate, seed = routing
+    torch.manual_seed(seed)
+    config = _experts_config(num_experts, top_k, hidden, intermediate)
     experts = Llama4TextExperts(config)
     with torch.no_grad():
         experts.gate_up_proj.normal_()
@@ -155,16 +159,7 @@ def test_hand_written_expert_backward_matches_autograd(dtype, top_k):
     input rows, both fused weights and the output weights, with an expert that gets no rows and foreign ids."""
     num_experts, hidden, intermediate, num_rows = 6, 32, 16, 48
     torch.manual_seed(0)
-    config = Llama4TextConfig(
-        **tiny_text_kwargs(
-            num_local_experts=num_experts,
-            num_experts_per_tok=top_k,
-            hidden_size=hidden,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=intermediate,
-        )
-    )
+    config = _experts_config(num_experts, top_k, hidden, intermediate)
     experts = Llama4TextExperts(config)
     with torch.no_grad():
         experts.gate_up_proj.normal_(std=0.3)

@@ -104,15 +104,15 @@ def test_recipe_resumes_after_a_crash_to_the_same_weights(name, tiny_policy, tmp
 
 def test_online_rl_with_a_kl_term_uses_our_class_for_the_reference(tiny_policy, tmp_path, monkeypatch):
     # With beta > 0 TRL would load the reference as transformers' built-in class, whose fused log-prob forward
-    # fails; the trainer reloads it in ours, and the KL term is then computed and logged.
+    # fails; the trainer has it loaded in ours (once), and the KL term is then computed and logged.
     references = []
-    original_init = online_rl.OnlineRLTrainer._reference_in_our_class
 
-    def spy(trainer):
-        original_init(trainer)
-        references.append(trainer.accelerator.unwrap_model(trainer.ref_model))
+    class Recording(online_rl.OnlineRLTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            references.append(self.accelerator.unwrap_model(self.ref_model))
 
-    monkeypatch.setattr(online_rl.OnlineRLTrainer, "_reference_in_our_class", spy)
+    monkeypatch.setattr(online_rl, "OnlineRLTrainer", Recording)
     module, script_cls, config_cls, extra = RECIPES["online_rl"]
     argv = ["--model_name_or_path", tiny_policy, "--output_dir", str(tmp_path), *COMMON, *extra, "--beta", "0.04"]
     results = module.main(*TrlParser((script_cls, config_cls, ModelConfig)).parse_args_and_config(argv))
