@@ -72,6 +72,10 @@ FINAL_ANSWER = {
     "fr": "La réponse est \\boxed{{{x}}}.",
     "es": "La respuesta es \\boxed{{{x}}}.",
 }
+# The solution opens with a word: the chat template puts the answer right after "\n\n", where a leading number
+# would be a different token ("8") from the same number inside text (" 8"), so a model pretrained on plain text
+# would have to relearn how to copy the first operand.
+SOLUTION_OPENER = {"en": "We get", "de": "Wir rechnen", "fr": "On calcule", "es": "Calculamos"}
 INSTRUCTION = {
     "en": "Solve the problem. Put the final answer in \\boxed{}.",
     "de": "Löse die Aufgabe. Schreibe die Antwort in \\boxed{}.",
@@ -102,7 +106,7 @@ def _problem(rng: random.Random, language: str, level: int) -> dict:
         c, answer = None, first
     text += QUESTIONS[language]
     question = text.format(n=name, o=obj, a=a, b=b, c=c)
-    solution = " ".join([*steps, FINAL_ANSWER[language].format(x=answer)])
+    solution = " ".join([SOLUTION_OPENER[language], *steps, FINAL_ANSWER[language].format(x=answer)])
     return {
         "prompt": [{"role": "user", "content": f"{question} {INSTRUCTION[language]}"}],
         "completion": [{"role": "assistant", "content": solution}],
@@ -159,17 +163,21 @@ def _split_of(question: str) -> str:
 
 
 def pretraining_corpus(
-    tokenizer, num_documents: int, *, seed: int = 0, levels: Sequence[int] = (1, 2), chat_format: bool = False
+    tokenizer, num_documents: int, *, seed: int = 0, levels: Sequence[int] = (1, 2), chat_fraction: float = 0.0
 ) -> Dataset:
     """Worked problems (train split only) as a `text` column for causal-LM pretraining: plain "Question: ...
-    Answer: ..." documents, like web text, or (`chat_format`) rendered with the Llama 4 chat template."""
+    Answer: ..." documents, like web text, of which a `chat_fraction` (every k-th document, so the mix is the same
+    at any corpus size) is rendered with the Llama 4 chat template instead, like the dialogue data in a real
+    pretraining mix."""
+    if not 0.0 <= chat_fraction <= 1.0:
+        raise ValueError(f"chat_fraction must be between 0 and 1, got {chat_fraction}")
     problems = arithmetic_problems("train", num_documents, seed=seed + 1000, levels=levels)
-    if chat_format:
-        texts = [tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False) for row in problems]
-        # The trainer's tokenizer adds the begin-of-text token itself.
-        texts = [text.removeprefix(tokenizer.bos_token or "") for text in texts]
-    else:
-        texts = [
-            f"Question: {row['prompt'][0]['content']}\nAnswer: {row['completion'][0]['content']}" for row in problems
-        ]
+    texts = []
+    for index, row in enumerate(problems):
+        if int((index + 1) * chat_fraction) > int(index * chat_fraction):
+            text = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+            # The trainer's tokenizer adds the begin-of-text token itself.
+            texts.append(text.removeprefix(tokenizer.bos_token or ""))
+        else:
+            texts.append(f"Question: {row['prompt'][0]['content']}\nAnswer: {row['completion'][0]['content']}")
     return Dataset.from_dict({"text": texts})

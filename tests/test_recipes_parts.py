@@ -2,18 +2,25 @@
 online-RL trainer's prompt sampling, curriculum and group merging."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import Dataset
+from transformers import AutoTokenizer
 
 import recipes.sampling as sampling
 from recipes.common import accuracy_reward, format_reward, last_complete_checkpoint, write_json_atomic
 from recipes.judge import filter_hard, pass_rates
 from recipes.preferences import preference_pairs, total_reward
 from recipes.rl import OnlineRLTrainer, PromptStats
-from recipes.synthetic import LANGUAGES, arithmetic_problems
+from recipes.synthetic import LANGUAGES, arithmetic_problems, pretraining_corpus
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    return AutoTokenizer.from_pretrained(Path(__file__).parents[1] / "hub_configs" / "tiny")
 
 
 def test_synthetic_task_is_deterministic_balanced_and_splits_are_disjoint():
@@ -39,6 +46,30 @@ def test_synthetic_task_rejects_bad_arguments():
         arithmetic_problems("train", 4, languages=["xx"])
     with pytest.raises(ValueError, match="ask for fewer"):
         arithmetic_problems("test", 5000, levels=[1], languages=["en"])
+
+
+def test_solutions_tokenize_alike_in_plain_text_and_in_the_chat_template(tiny_tokenizer):
+    # A model pretrained on plain "Question: ... Answer: ..." text must see the same number tokens when the chat
+    # template puts the answer right after "\n\n" (a leading "8" and an in-text " 8" are different tokens).
+    for row in arithmetic_problems("train", 8):
+        solution = row["completion"][0]["content"]
+        plain = tiny_tokenizer.tokenize(f"Answer: {solution}")
+        chat = tiny_tokenizer.tokenize(
+            tiny_tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False).split("\n\n")[-1]
+        )
+        first_number = next(token for token in plain if token.lstrip("Ġ").isdigit())
+        assert first_number.startswith("Ġ") and first_number in chat
+
+
+def test_pretraining_corpus_mixes_plain_and_chat_documents(tiny_tokenizer):
+    plain = pretraining_corpus(tiny_tokenizer, 20)["text"]
+    assert all(text.startswith("Question: ") and "\nAnswer: " in text for text in plain)
+    mixed = pretraining_corpus(tiny_tokenizer, 20, chat_fraction=0.25)["text"]
+    chat = [text for text in mixed if text.startswith("<|header_start|>user")]
+    assert len(chat) == 5 and not any(text.startswith(tiny_tokenizer.bos_token) for text in mixed)
+    assert all(text.endswith("<|eot|>") for text in chat)
+    with pytest.raises(ValueError, match="chat_fraction"):
+        pretraining_corpus(tiny_tokenizer, 4, chat_fraction=1.5)
 
 
 def test_rewards_grade_answers_and_format():
