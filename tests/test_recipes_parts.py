@@ -57,8 +57,8 @@ def test_solutions_tokenize_alike_in_plain_text_and_in_the_chat_template(tiny_to
         chat = tiny_tokenizer.tokenize(
             tiny_tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False).split("\n\n")[-1]
         )
-        first_number = next(token for token in plain if token.lstrip("Ġ").isdigit())
-        assert first_number.startswith("Ġ") and first_number in chat
+        first_number = [next(token for token in tokens if token.lstrip("Ġ").isdigit()) for tokens in (plain, chat)]
+        assert first_number[0].startswith("Ġ") and first_number[0] == first_number[1], first_number
 
 
 def test_pretraining_corpus_mixes_plain_and_chat_documents(tiny_tokenizer):
