@@ -1,5 +1,8 @@
 """Sparse expert dispatch against a dense reference, and the MoE block against the built-in."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import transformers
@@ -205,6 +208,46 @@ def test_hand_written_expert_backward_matches_autograd(dtype, top_k):
     generic_tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for name, got, want in zip(["rows", "scores", "gate_up_proj", "down_proj"], grads, generic):
         torch.testing.assert_close(got, want, **generic_tolerance, msg=name)
+
+
+def test_kept_memory_is_reused_only_when_free(monkeypatch):
+    """The CPU experts keep their large buffers between steps (`_KeptMemory`), but never overwrite a gradient or an
+    output that someone still holds, and the results stay those of fresh memory."""
+    torch.manual_seed(0)
+    config = _experts_config(4, 1, 16, 8)
+    experts = Llama4TextExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(std=0.3)
+        experts.down_proj.normal_(std=0.3)
+    indices = torch.tensor([[0], [1], [1], [3], [2], [0]])
+
+    def step(seed: int) -> list[torch.Tensor]:
+        experts.zero_grad(set_to_none=True)
+        x = torch.randn(6, 16, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        experts(x, indices, torch.ones(6, 1)).square().sum().backward()
+        return [x.grad, experts.gate_up_proj.grad, experts.down_proj.grad]
+
+    want = [[g.clone() for g in step(seed)] for seed in (1, 2)]  # fresh memory each time (grads still held)
+    kept = step(1)
+    kept_values = [g.clone() for g in kept]
+    second = step(2)
+    # The gradients still held were not written by the next step.
+    assert all(torch.equal(held, value) for held, value in zip(kept, kept_values))
+    assert second[1].data_ptr() != kept[1].data_ptr()
+    assert all(torch.equal(got, expected) for got, expected in zip(second, want[1]))
+
+    del kept, second
+    allocations = []
+    new_buffer = moe._new_buffer
+    monkeypatch.setattr(moe, "_new_buffer", lambda *args: allocations.append(args[0]) or new_buffer(*args))
+    third = step(1)
+    assert allocations == []  # nothing held the memory: all of it reused
+    assert all(torch.equal(got, expected) for got, expected in zip(third, want[0]))
+
+    assert copy.deepcopy(experts).kept_memory._storages == {}
+    assert pickle.loads(pickle.dumps(experts)).kept_memory._storages == {}
+    experts.double()
+    assert experts.kept_memory._storages == {}
 
 
 def _generic_experts_forward(experts, x, indices, scores):
