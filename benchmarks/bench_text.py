@@ -53,7 +53,7 @@ class DenseMatmulRate:
     """GFLOP/s of a plain (tokens, hidden) @ (hidden, 2*intermediate) fp32 matmul on this machine.
 
     `peak()` is the best of `matmuls` back-to-back runs: the machine's rate for this shape right now, not flattered
-    by a slow run. The benchmark machine is a shared VM whose dense rate drifts between 70 and 150 GFLOP/s within
+    by a slow run. The benchmark machine is a shared VM whose dense rate drifts between 70 and 160 GFLOP/s within
     minutes, so the MoE's share of it is measured against the peak taken right before each MoE step."""
 
     def __init__(self, tokens: int, hidden: int, intermediate: int) -> None:
