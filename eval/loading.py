@@ -98,13 +98,15 @@ def load_causal_lm(
     dtype: Any = None,
     trust_remote_code: bool = False,
     config_overrides: dict[str, Any] | None = None,
+    overrides_flag: str = "--model_config_overrides",
     from_scratch: bool = False,
     **kwargs: Any,
 ):
     """Our `Llama4ForCausalLM` for any Llama 4 checkpoint (ours, transformers' or an official multimodal one: its
     text half), built freshly initialised from the config when `from_scratch`; any other causal LM through
     `AutoModelForCausalLM`. `config_overrides` go through the config class (its checks apply); `kwargs` (e.g.
-    `device_map`, `attn_implementation`) go to `from_pretrained`. `flag` names the argument in error messages."""
+    `device_map`, `attn_implementation`) go to `from_pretrained`. `flag` and `overrides_flag` name the arguments in
+    error messages."""
     from transformers import AutoModelForCausalLM
 
     from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
@@ -115,7 +117,7 @@ def load_causal_lm(
     config = _load_config(path, flag, trust_remote_code)
     is_llama4 = getattr(config, "model_type", None) in LLAMA4_MODEL_TYPES
     if overrides:
-        _check_overrides(overrides, config.get_text_config() if is_llama4 else config, flag)
+        _check_overrides(overrides, config.get_text_config() if is_llama4 else config, overrides_flag)
     if from_scratch:
         if not is_llama4:
             raise InputError(f"{flag} {path!r} is a {config.model_type} config; from_scratch builds Llama 4 only")

@@ -67,6 +67,7 @@ def load_teacher_model(script_args: CoDistillScriptArguments, training_args: CoD
         dtype=dtype,
         trust_remote_code=training_args.trust_remote_code,
         flag="--teacher_model_name_or_path",
+        overrides_flag="--teacher_config_overrides",
     )
 
 

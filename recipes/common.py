@@ -97,11 +97,13 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     flag: str = "--model_name_or_path",
+    overrides_flag: str = "--model_config_overrides",
 ) -> PreTrainedModel:
     """`eval.loading.load_causal_lm` with a recipe's `--model_config_overrides` and `--from_scratch`."""
-    overrides = parse_mapping(args.model_config_overrides, "--model_config_overrides") if args is not None else {}
+    overrides = parse_mapping(args.model_config_overrides, overrides_flag) if args is not None else {}
     return load_causal_lm(
-        path, flag=flag, dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code, config_overrides=overrides,
+        path, flag=flag, dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
+        config_overrides=overrides, overrides_flag=overrides_flag,
         from_scratch=bool(args is not None and args.from_scratch),
     )  # fmt: skip
 

@@ -216,6 +216,8 @@ def _data_files(path: Path, flag: str) -> tuple[str, list[Path]]:
             f"{sorted({p.suffix for p in files})}"
         )
     for file in files:
+        if file.stat().st_size == 0 or (file.suffix in (".json", ".jsonl") and not file.read_text().strip()):
+            raise InputError(f"{flag}: the data file {str(file)!r} is empty (no rows)")
         if file.suffix in (".json", ".jsonl"):
             _check_json_lines(file)
     return builders.pop(), files
