@@ -320,11 +320,18 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _holds_a_run(folder: Path) -> bool:
+    """Whether there is anything to resume or reuse: a checkpoint or a results file (a run that stopped before its
+    first checkpoint leaves nothing a new run could mix with)."""
+    results = any((folder / name).is_file() for name in ("results.json", "stage_results.json"))
+    return results or any(folder.glob("checkpoint-*"))
+
+
 def check_run_manifest(
     output_dir: str | Path, settings: dict[str, Any], *, overwrite: bool = False, write: bool = True
 ) -> None:
-    """Refuse to resume in `output_dir` a run made with other `settings`, naming each that changed; with `overwrite`,
-    remove its checkpoints and results first. Records `settings` in `output_dir/run_manifest.json` (atomically)."""
+    """Refuse to resume in `output_dir` a run made with other `settings` (when it left a checkpoint or results),
+    naming each that changed; with `overwrite`, remove its checkpoints and results first. Records `settings` in `output_dir/run_manifest.json` (atomically)."""
     folder = Path(output_dir)
     path = folder / MANIFEST
     if overwrite:
@@ -332,7 +339,7 @@ def check_run_manifest(
             shutil.rmtree(checkpoint, ignore_errors=True)
         for name in ("results.json", "stage_results.json", MANIFEST):
             (folder / name).unlink(missing_ok=True)
-    elif path.is_file():
+    elif path.is_file() and _holds_a_run(folder):
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:

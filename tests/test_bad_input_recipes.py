@@ -325,3 +325,19 @@ def test_atomic_write_leaves_nothing_when_it_fails(tmp_path):
             temporary.write_bytes(b"half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_teacher_logit_shards_and_metadata_respect_the_umask(tmp_path, umask_022):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+    from recipes.trainers import write_teacher_topk
+
+    teacher = Llama4ForCausalLM(Llama4TextConfig.from_pretrained("hub_configs/tiny"))
+    rows = problems(3)
+    write_teacher_topk(teacher, AutoTokenizer.from_pretrained("hub_configs/tiny"), Dataset.from_list(rows),
+                       tmp_path / "logits", top_k=4, shard_size=2)  # fmt: skip
+    written = sorted(p.name for p in (tmp_path / "logits").iterdir())
+    assert written == ["metadata.json", "shard-00000.safetensors", "shard-00001.safetensors"]  # no temporaries
+    assert all(mode(tmp_path / "logits" / name) == 0o644 for name in written)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 from trl import ModelConfig, SFTConfig
@@ -29,6 +30,14 @@ def parsed(output_dir, *extra: str):
 def prepare(output_dir, *extra: str) -> None:
     script_args, training_args, model_args = parsed(output_dir, *extra)
     prepare_run(model_args, script_args, training_args)
+    (Path(output_dir) / "checkpoint-1").mkdir(exist_ok=True)  # as if it had trained: something to resume
+
+
+def test_a_run_that_left_nothing_to_resume_is_not_held_against_the_next(tmp_path):
+    script_args, training_args, model_args = parsed(tmp_path, "--learning_rate", "1e-3")
+    prepare_run(model_args, script_args, training_args)  # e.g. stopped by bad data before its first checkpoint
+    prepare(tmp_path, "--learning_rate", "1e-4")
+    assert json.loads((tmp_path / MANIFEST).read_text())["learning_rate"] == 1e-4
 
 
 def test_changed_learning_rate_is_refused_naming_it_and_the_fix(tmp_path):
@@ -76,10 +85,13 @@ def test_same_settings_and_logging_changes_resume(tmp_path):
 
 def test_overwrite_output_dir_starts_over(tmp_path):
     prepare(tmp_path, "--learning_rate", "1e-3")
-    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1").mkdir(exist_ok=True)
     (tmp_path / "checkpoint-1" / "trainer_state.json").write_text("{}")
     (tmp_path / "results.json").write_text("{}")
-    prepare(tmp_path, "--learning_rate", "1e-4", "--overwrite_output_dir", "true")
+    script_args, training_args, model_args = parsed(
+        tmp_path, "--learning_rate", "1e-4", "--overwrite_output_dir", "true"
+    )
+    prepare_run(model_args, script_args, training_args)
     assert not (tmp_path / "checkpoint-1").exists() and not (tmp_path / "results.json").exists()
     assert json.loads((tmp_path / MANIFEST).read_text())["learning_rate"] == 1e-4
 
@@ -176,6 +188,8 @@ def test_pipeline_prints_the_stage_table_and_plots_every_curve(tmp_path, fake_st
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["stages"][0]["reward_curve"] == [0.3]
     assert (tmp_path / "run" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("results.json", "report.md", "results.png", "pretrain/stage_results.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "run" / name).st_mode) & 0o044 == 0o044, name  # others may read
 
 
 def test_pipeline_stage_without_a_known_name(tmp_path, fake_stages):
