@@ -76,6 +76,21 @@ def _check_overrides(overrides: dict[str, Any], config: Any, flag: str) -> None:
         raise InputError(f"{flag}: {config.model_type} configs have no field {said}")
 
 
+def _llama4_config(path: str, overrides: dict[str, Any], flag: str, overrides_flag: str):
+    """The text config with `overrides`, built (and so checked) by the config class before any weights load; its
+    complaint names the flag and the value."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from modeling_llama4 import Llama4TextConfig
+
+    try:
+        return Llama4TextConfig.from_pretrained(path, **overrides)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        given = f" with {overrides_flag} {overrides}" if overrides else ""
+        message = " ".join(str(error).split())
+        raise InputError(f"{flag} {path!r}{given}: the config is invalid: {message}") from None
+
+
 def _load_config(path: str, flag: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
@@ -109,7 +124,7 @@ def load_causal_lm(
     error messages."""
     from transformers import AutoModelForCausalLM
 
-    from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+    from modeling_llama4 import Llama4ForCausalLM
 
     check_model_path(path, flag)
     overrides = dict(config_overrides or {})
@@ -118,10 +133,12 @@ def load_causal_lm(
     is_llama4 = getattr(config, "model_type", None) in LLAMA4_MODEL_TYPES
     if overrides:
         _check_overrides(overrides, config.get_text_config() if is_llama4 else config, overrides_flag)
+    if from_scratch and not is_llama4:
+        raise InputError(f"{flag} {path!r} is a {config.model_type} config; from_scratch builds Llama 4 only")
+    if is_llama4:
+        text_config = _llama4_config(path, overrides, flag, overrides_flag)
     if from_scratch:
-        if not is_llama4:
-            raise InputError(f"{flag} {path!r} is a {config.model_type} config; from_scratch builds Llama 4 only")
-        model = Llama4ForCausalLM(Llama4TextConfig.from_pretrained(path, **overrides))
+        model = Llama4ForCausalLM(text_config)
         return model.to(dtype) if dtype not in (None, "auto") else model
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -10,6 +10,7 @@ without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -158,7 +159,7 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
     _at_least(script_args, "heldout_problems", 0)
     for name in ("heldout_batch_size", "heldout_max_new_tokens", "judge_samples", "pair_samples", "corpus_documents"):
         _at_least(script_args, name, 1)
-    for name in ("model_config_overrides", *MERGED_MAPPINGS):
+    for name in MERGED_MAPPINGS:
         if hasattr(script_args, name):
             setattr(script_args, name, parse_mapping(getattr(script_args, name), f"--{name}") or None)
     model_path = getattr(model_args, "model_name_or_path", None)
@@ -285,14 +286,18 @@ IGNORED_ARGUMENTS = {
 }  # fmt: skip
 
 
-def _model_files(path: str) -> dict[str, list[int]] | None:
-    """Size and modification time of a local model's config and weights: a retrained model at the same path
-    differs. None for a Hub id."""
+def _model_files(path: str) -> dict[str, Any] | None:
+    """A local model's config (its hash) and weights (size and modification time, cheap for any size): a
+    retrained model at the same path differs. None for a Hub id."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         return None
-    names = [p for p in folder.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")]
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(names)}
+    files: dict[str, Any] = {}
+    if (folder / "config.json").is_file():
+        files["config.json"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16]
+    for weights in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
+        files[weights.name] = [weights.stat().st_size, weights.stat().st_mtime_ns]
+    return files
 
 
 def _plain(value: Any) -> Any:

@@ -341,3 +341,9 @@ def test_teacher_logit_shards_and_metadata_respect_the_umask(tmp_path, umask_022
     written = sorted(p.name for p in (tmp_path / "logits").iterdir())
     assert written == ["metadata.json", "shard-00000.safetensors", "shard-00001.safetensors"]  # no temporaries
     assert all(mode(tmp_path / "logits" / name) == 0o644 for name in written)
+
+
+def test_override_with_a_value_of_the_wrong_type_names_the_flag(tmp_path):
+    with pytest.raises(InputError, match=r"--model_name_or_path 'hub_configs/tiny' with --model_config_overrides "
+                       r"\{'hidden_size': '64'\}: the config is invalid: .*hidden_size"):  # fmt: skip
+        run("pretrain", tmp_path, "--from_scratch", "true", "--model_config_overrides", '{"hidden_size": "64"}')
