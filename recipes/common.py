@@ -25,8 +25,6 @@ from eval.loading import load_tokenizer as _load_tokenizer
 from .synthetic import LANGUAGES, LEVELS, arithmetic_problems
 from .validation import check_arguments, check_run_manifest, load_task_dataset, parse_mapping, run_settings
 
-__all__ = ["write_json_atomic"]  # re-exported for the recipes and trainers
-
 
 @dataclass
 class TaskArguments:
@@ -50,7 +48,10 @@ class TaskArguments:
     heldout_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call in evaluation."})
     model_config_overrides: dict | str | None = field(
         default=None,
-        metadata={"help": "Config fields (JSON or YAML mapping) to override when building a model from a config."},
+        metadata={
+            "help": "Config fields (JSON or YAML mapping) to override; given on the command line too, the two are "
+            "merged (the command line wins per field)."
+        },
     )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer to use; empty: the one saved with the model."}
@@ -109,6 +110,7 @@ def load_model(
 
 
 def load_tokenizer(path: str, flag: str = "--tokenizer_name_or_path"):
+    """`eval.loading.load_tokenizer`: the tokenizer at `path`, EOS as its pad token where it has none."""
     return _load_tokenizer(path, flag)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 from datasets import Dataset, load_dataset
+from trl import DPOConfig, TrlParser
 
 from eval.files import write_json_atomic
 from eval.loading import InputError, check_model_path
@@ -109,8 +110,6 @@ def merge_mapping_flags(argv: Sequence[str]) -> list[str]:
 
 def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
     """`TrlParser(dataclass_types).parse_args_and_config(argv)` with the config-override mappings merged."""
-    from trl import TrlParser
-
     argv = merge_mapping_flags(sys.argv[1:] if argv is None else argv)
     return TrlParser(tuple(dataclass_types)).parse_args_and_config(argv)
 
@@ -175,8 +174,6 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
                 check_model_path(path, f"--{name}")
     if getattr(script_args, "tokenizer_name_or_path", None):
         check_model_path(script_args.tokenizer_name_or_path, "--tokenizer_name_or_path", need_config=False)
-    from trl import DPOConfig
-
     if isinstance(training_args, DPOConfig):
         unknown = [loss for loss in training_args.loss_type or [] if loss not in DPO_LOSS_TYPES]
         if unknown:
@@ -184,14 +181,18 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
 
 
 def _check_json_lines(path: Path) -> None:
-    """Name the file and line of the first malformed JSON record (the datasets error names neither)."""
+    """Name the file and line of the first malformed JSON record (the datasets error names neither). A .json file
+    may hold one document or JSON Lines, as the `json` builder reads both."""
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith(("[", "{")) and "\n{" not in text.strip():
+    if path.suffix == ".json":
         try:
             json.loads(text)
+            return
         except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})") from None
-        return
+            if text.lstrip().startswith("["):
+                raise InputError(
+                    f"{path}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})"
+                ) from None
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
