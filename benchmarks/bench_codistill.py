@@ -8,9 +8,8 @@ trained longer on a large corpus of worked problems; then one student initialisa
 on a smaller corpus:
 
 - `hard`: TRL's `SFTTrainer`, cross-entropy to the labels only;
-- `adaptive`: `CoDistillationTrainer`, w = s(t) * (1 - max_{v != label} p_teacher(v)), s(t): 1 -> 0.5 linearly;
-- `adaptive_argmax`: w = s(t) * 1[teacher argmax = label] * p_teacher(label);
-- `schedule`: w = s(t) on every token;
+- `adaptive`, `adaptive_argmax`, `schedule`: `CoDistillationTrainer` with that `weighting` (the formulas are in
+  `recipes/trainers/codistill_trainer.py`), s(t): 1 -> 0.5 linearly;
 - `topk`: adaptive, from the teacher's top-32 log-probs written to disk beforehand (no teacher in memory).
 
 Each student corpus size in `--student_documents` is a regime: few documents (many epochs, where hard labels

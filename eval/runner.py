@@ -11,8 +11,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from .files import atomic_path, write_json_atomic, write_text_atomic
 from .generation import generate_completions
 from .grading import aggregate_scores
+from .loading import InputError, load_causal_lm, load_tokenizer, torch_dtype
 from .tasks import TASKS, DataSource, DataUnavailableError, Example, Task, get_task
 
 __all__ = ["SampleCache", "build_parser", "evaluate_task", "load_examples", "load_model", "main"]
@@ -69,25 +71,16 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | None = None,
 ):
-    """Model and tokenizer from a local directory or Hub id. Llama 4 checkpoints (text or multimodal) load into
-    `modeling_llama4.Llama4ForCausalLM` (sparse MoE); any other causal LM through `AutoModelForCausalLM`.
-    `device_map` (e.g. "auto") spreads a model too large for one GPU; otherwise it goes to `device`."""
+    """Model and tokenizer from a local directory or Hub id through `eval.loading.load_causal_lm` (Llama 4 into
+    our sparse `Llama4ForCausalLM`, anything else through `AutoModelForCausalLM`). `device_map` (e.g. "auto")
+    spreads a model too large for one GPU; otherwise it goes to `device`."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import modeling_llama4  # registers our classes for the Auto API
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kwargs = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-    if device_map:
-        kwargs["device_map"] = device_map
-    if getattr(config, "model_type", None) in ("llama4", "llama4_text"):
-        model = modeling_llama4.Llama4ForCausalLM.from_pretrained(path, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    kwargs = {"device_map": device_map} if device_map else {}
+    model = load_causal_lm(path, flag="--model", dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     if not device_map:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, "--model", trust_remote_code=trust_remote_code, pad_with_eos=False)
     return model, tokenizer
 
 
@@ -97,8 +90,19 @@ def load_model(
 
 
 def load_examples(task: Task, source: DataSource, limit: int | None = None) -> list[Example]:
-    """The task's examples, the first `limit` of them (per language for multilingual tasks)."""
-    examples = task.load(source)
+    """The task's examples, the first `limit` of them (per language for multilingual tasks). No examples, or a row
+    without a field the task reads, is a `DataUnavailableError` naming the task and the fix."""
+    try:
+        examples = task.load(source)
+    except KeyError as error:
+        where = f"in {source.data_dir}" if source.data_dir is not None else "from the Hub"
+        raise DataUnavailableError(
+            f"{task.name}: a data row {where} lacks the field {error}; --data_dir files must keep the original "
+            "format (see `python -m eval --help`)"
+        ) from None
+    if not examples:
+        where = f"--data_dir {source.data_dir}" if source.data_dir is not None else "the Hub copy"
+        raise DataUnavailableError(f"{task.name}: {where} holds no examples (an empty data file?)")
     if limit is None:
         return examples
     if not task.limit_per_subset:
@@ -174,10 +178,8 @@ def evaluate_task(
         record.update({"meta": example.meta} if example.meta else {})
         record.update({"prompt": example.messages} if task.save_prompts else {})
         records.append({**record, "completions": completions})
-    (output_dir / "samples").mkdir(parents=True, exist_ok=True)
-    with (output_dir / "samples" / f"{task.name}.jsonl").open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    lines = [json.dumps(record, ensure_ascii=False, default=str) + "\n" for record in records]
+    write_text_atomic(output_dir / "samples" / f"{task.name}.jsonl", "".join(lines))
 
     scores = aggregate_scores(correct, answer_keys, ks)
     scores["num_examples"] = len(examples)
@@ -208,7 +210,7 @@ def write_markdown(results: dict, path: Path) -> None:
         if "subsets" in scores:
             lines += ["", f"**{name}** accuracy by subset", "", "| subset | accuracy |", "|---|---|"]
             lines += [f"| {subset} | {100 * value:.1f} |" for subset, value in scores["subsets"].items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_plot(results: dict, path: Path) -> None:
@@ -235,13 +237,46 @@ def write_plot(results: dict, path: Path) -> None:
         ax.tick_params(axis="x", rotation=60, labelsize=7)
     fig.suptitle(results["model"], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=120, format="png")
     plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (`--limit 0` would evaluate nothing and `--limit -2` all but two)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (give N >= 1, or leave the flag out)")
+    return value
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks argparse types cannot do alone; each failure exits through `parser.error` naming the flag."""
+    if args.temperature is not None and args.temperature < 0:
+        parser.error(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top_p {args.top_p}: must be in (0, 1]")
+    if args.k:
+        try:
+            ks = [int(k) for k in args.k.split(",")]
+        except ValueError:
+            parser.error(f"--k {args.k!r}: give comma-separated integers, e.g. 1,2,4")
+        if any(k < 1 or k > args.num_samples for k in ks):
+            parser.error(f"--k {args.k}: each k must be between 1 and --num_samples ({args.num_samples})")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        parser.error(f"--data_dir: no such directory {str(args.data_dir)!r}")
+    try:
+        torch_dtype(args.dtype)
+    except InputError as error:
+        parser.error(str(error))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,12 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default="math500,gpqa_diamond,mgsm", help=f"comma-separated: {', '.join(TASKS)}")
     parser.add_argument("--data_dir", type=Path, help="offline copies of the datasets (layout below)")
     parser.add_argument("--output_dir", type=Path, help="default: outputs/eval/<model name>")
-    parser.add_argument("--limit", type=int, help="first N examples per task (per language for mgsm, global_mmlu)")
-    parser.add_argument("--num_samples", type=int, default=1, help="samples per question (pass@k, maj@k)")
+    parser.add_argument(
+        "--limit", type=positive_int, help="first N examples per task (per language for mgsm, global_mmlu); N >= 1"
+    )
+    parser.add_argument("--num_samples", type=positive_int, default=1, help="samples per question (pass@k, maj@k)")
     parser.add_argument("--temperature", type=float, help="default: 0 (greedy) for 1 sample, 0.6 for several")
     parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, help="default: per task (4096 MATH/GPQA, 1024 MGSM)")
-    parser.add_argument("--batch_size", type=int, default=16, help="sequences per generate call")
+    parser.add_argument("--max_new_tokens", type=positive_int, help="default: per task (4096 MATH/GPQA, 1024 MGSM)")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="sequences per generate call")
     parser.add_argument("--seed", type=int, default=0, help="sampling and GPQA choice-shuffling seed")
     parser.add_argument("--k", default=None, help="comma-separated k for pass@k / maj@k (default: 1,2,4,... up to n)")
     parser.add_argument("--languages", help="comma-separated languages for mgsm / global_mmlu")
@@ -284,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tasks = [get_task(name.strip()) for name in args.tasks.split(",") if name.strip()]
     except ValueError as error:
         parser.error(str(error))
+    if not tasks:
+        parser.error(f"--tasks {args.tasks!r} names no task; available: {', '.join(TASKS)}")
+    check_args(parser, args)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.num_samples == 1 else 0.6)
     if args.num_samples > 1 and temperature == 0:
         print("warning: --num_samples > 1 with --temperature 0 gives n identical greedy samples", file=sys.stderr)
@@ -294,15 +334,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         seed=args.seed,
         **({"gpqa_password": args.gpqa_password} if args.gpqa_password else {}),
     )
+    # Created by the first file written into it, so a failed start leaves no empty directory behind.
     output_dir = args.output_dir or Path("outputs") / "eval" / Path(args.model.rstrip("/")).name
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     # Data first: a missing dataset should fail in seconds, not after loading a 100B-parameter model.
     try:
         examples = {task.name: load_examples(task, source, args.limit) for task in tasks}
-    except DataUnavailableError as error:
+    except (DataUnavailableError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.device_map)
+    try:
+        model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.device_map)
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
     results = {
         "model": args.model,
         "config": {
@@ -333,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             model_name=args.model,
         )
         # Written after every task, so a crash in a later one keeps the finished scores.
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        write_json_atomic(output_dir / "results.json", results)
         write_markdown(results, output_dir / "results.md")
         write_plot(results, output_dir / "results.png")
         summary = {k: round(v, 4) for k, v in results["tasks"][task.name].items() if isinstance(v, float)}

@@ -96,6 +96,21 @@ def _load_hub_dataset(repo: str, config: str | None, split: str, layout: str, ex
         raise _hub_error(f"{repo}" + (f" ({config})" if config else ""), error, layout, extra) from error
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file; a malformed line is a `DataUnavailableError` naming the file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataUnavailableError(
+                    f"{path}:{number}: malformed JSON ({error.msg}, column {error.colno}); a .jsonl file holds one "
+                    "JSON object per line"
+                ) from None
+    return rows
+
+
 def _require(path: Path, layout: str) -> Path:
     if not path.exists():
         raise DataUnavailableError(f"{path} not found: --data_dir must contain {layout}")
@@ -117,7 +132,7 @@ def _load_math500(source: DataSource) -> list[Example]:
     layout = "math500/test.jsonl"
     if source.data_dir is not None:
         path = _require(source.data_dir / layout, layout)
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_jsonl(path)
     else:
         rows = list(_load_hub_dataset("HuggingFaceH4/MATH-500", None, "test", layout))
     return [
@@ -246,14 +261,18 @@ def _mgsm_languages(source: DataSource) -> tuple[str, ...]:
     return tuple(languages)
 
 
-def read_mgsm_tsv(text: str) -> list[tuple[str, str]]:
+def read_mgsm_tsv(text: str, name: str = "MGSM TSV") -> list[tuple[str, str]]:
     """(question, answer) rows of an MGSM TSV. Split on the tab by hand: questions contain quotes, which csv would
-    take for field quoting."""
+    take for field quoting. A row without exactly two columns is a `DataUnavailableError` naming `name` and line."""
     rows = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            question, _, answer = line.rstrip("\r").rpartition("\t")
-            rows.append((question.strip(), answer.strip()))
+            columns = line.rstrip("\r").split("\t")
+            if len(columns) != 2:
+                raise DataUnavailableError(
+                    f"{name}:{number}: {len(columns)} tab-separated columns, expected 2 (question<TAB>answer)"
+                )
+            rows.append((columns[0].strip(), columns[1].strip()))
     return rows
 
 
@@ -273,7 +292,9 @@ def _mgsm_text(source: DataSource, language: str) -> str:
 def _load_mgsm(source: DataSource) -> list[Example]:
     examples = []
     for language in _mgsm_languages(source):
-        for i, (question, answer) in enumerate(read_mgsm_tsv(_mgsm_text(source, language))):
+        where = source.data_dir / "mgsm" if source.data_dir is not None else "juletxara/mgsm"
+        rows = read_mgsm_tsv(_mgsm_text(source, language), f"{where}/mgsm_{language}.tsv")
+        for i, (question, answer) in enumerate(rows):
             examples.append(
                 Example(
                     id=f"{language}/{i}",
@@ -302,7 +323,7 @@ MMLU_PROMPT = (
 
 def _read_table(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(path)
     if path.suffix == ".csv":
         return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig"))))
     import datasets

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from recipes.common import (
     TaskArguments,
@@ -33,6 +33,7 @@ from recipes.common import (
     train_resumably,
 )
 from recipes.trainers import CoDistillationConfig, CoDistillationTrainer, write_teacher_topk
+from recipes.validation import run_recipe
 
 
 @dataclass
@@ -65,6 +66,8 @@ def load_teacher_model(script_args: CoDistillScriptArguments, training_args: CoD
         teacher_args,
         dtype=dtype,
         trust_remote_code=training_args.trust_remote_code,
+        flag="--teacher_model_name_or_path",
+        overrides_flag="--teacher_config_overrides",
     )
 
 
@@ -72,7 +75,7 @@ def main(
     script_args: CoDistillScriptArguments, training_args: CoDistillationConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
-    train, heldout = task_datasets(script_args)
+    train, heldout = task_datasets(script_args, ("completion",))
     train = train.select_columns(["prompt", "completion"] + (["answer"] if training_args.seq_kd else []))
 
     teacher = None
@@ -104,5 +107,4 @@ def main(
 
 
 if __name__ == "__main__":
-    parser = TrlParser((CoDistillScriptArguments, CoDistillationConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    run_recipe(main, (CoDistillScriptArguments, CoDistillationConfig, ModelConfig))

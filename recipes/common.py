@@ -4,27 +4,26 @@ training with crash-safe resume and a one-commit Hub push."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, load_dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
+from datasets import Dataset
+from transformers import PreTrainedModel, TrainerCallback, set_seed
 
 import modeling_llama4
+from eval.files import respect_umask, write_json_atomic
 from eval.generation import generate_completions
 from eval.grading import extract_boxed, math_answer_correct
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from eval.loading import InputError, load_causal_lm
+from eval.loading import load_tokenizer as _load_tokenizer
 
 from .synthetic import LANGUAGES, LEVELS, arithmetic_problems
-
-LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")
+from .validation import check_arguments, check_run_manifest, load_task_dataset, parse_mapping, run_settings
 
 
 @dataclass
@@ -49,7 +48,10 @@ class TaskArguments:
     heldout_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call in evaluation."})
     model_config_overrides: dict | str | None = field(
         default=None,
-        metadata={"help": "Config fields (JSON or YAML mapping) to override when building a model from a config."},
+        metadata={
+            "help": "Config fields (JSON or YAML mapping) to override; given on the command line too, the two are "
+            "merged (the command line wins per field)."
+        },
     )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer to use; empty: the one saved with the model."}
@@ -58,18 +60,27 @@ class TaskArguments:
         default=False,
         metadata={"help": "Build a freshly initialised model from the config at model_name_or_path (pretraining)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an output_dir that holds a run made with other settings (deletes its checkpoints "
+            "and results); without it such a run is refused rather than resumed."
+        },
+    )
 
 
-def task_datasets(args: TaskArguments) -> tuple[Dataset, Dataset | None]:
-    """(train, held-out test) splits: the synthetic task, or `dataset_name` in the same columns."""
+def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
+    """(train, held-out test) splits: the synthetic task, or `dataset_name` in the same columns (`prompt`, `answer`
+    and the recipe's `columns`), checked by `recipes.validation.load_task_dataset`."""
     if args.dataset_name:
-        train = load_dataset(args.dataset_name, split=args.dataset_train_split)
-        test = load_dataset(args.dataset_name, split=args.dataset_test_split) if args.heldout_problems else None
-        missing = {"prompt", "answer"} - set(train.column_names)
-        if missing:
-            raise ValueError(
-                f"dataset {args.dataset_name!r} lacks columns {sorted(missing)}: recipes need `prompt` (chat messages) "
-                "and `answer` (the gold final answer), plus `completion` for SFT"
+        needed = ("prompt", "answer", *columns)
+        train = load_task_dataset(
+            args.dataset_name, args.dataset_train_split, needed, split_flag="--dataset_train_split"
+        )
+        test = None
+        if args.heldout_problems:
+            test = load_task_dataset(
+                args.dataset_name, args.dataset_test_split, ("prompt", "answer"), split_flag="--dataset_test_split"
             )
         if test is not None and args.heldout_problems < len(test):
             test = test.select(range(args.heldout_problems))
@@ -80,52 +91,50 @@ def task_datasets(args: TaskArguments) -> tuple[Dataset, Dataset | None]:
     return train, test
 
 
-def _overrides(args: TaskArguments) -> dict[str, Any]:
-    if not args.model_config_overrides:
-        return {}
-    if isinstance(args.model_config_overrides, str):
-        return json.loads(args.model_config_overrides)
-    return dict(args.model_config_overrides)
-
-
 def load_model(
-    path: str, args: TaskArguments | None = None, *, dtype: str | torch.dtype | None = None, trust_remote_code=False
+    path: str,
+    args: TaskArguments | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    flag: str = "--model_name_or_path",
+    overrides_flag: str = "--model_config_overrides",
 ) -> PreTrainedModel:
-    """Our `Llama4ForCausalLM` for any Llama 4 repo (ours, transformers' or an official multimodal one: its text
-    half), built fresh from the config when `from_scratch`; any other causal LM through the Auto classes."""
-    overrides = _overrides(args) if args is not None else {}
-    dtype = _torch_dtype(dtype)
-    if args is not None and args.from_scratch:
-        config = Llama4TextConfig.from_pretrained(path, **overrides)
-        model = Llama4ForCausalLM(config)
-        return model.to(dtype) if dtype is not None else model
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    if config.model_type in LLAMA4_MODEL_TYPES:
-        return Llama4ForCausalLM.from_pretrained(path, **overrides, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides, **kwargs)
+    """`eval.loading.load_causal_lm` with a recipe's `--model_config_overrides` and `--from_scratch`."""
+    overrides = parse_mapping(args.model_config_overrides, overrides_flag) if args is not None else {}
+    return load_causal_lm(
+        path, flag=flag, dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
+        config_overrides=overrides, overrides_flag=overrides_flag,
+        from_scratch=bool(args is not None and args.from_scratch),
+    )  # fmt: skip
 
 
-def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype in (None, "auto"):
-        return None
-    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+def load_tokenizer(path: str, flag: str = "--tokenizer_name_or_path"):
+    """`eval.loading.load_tokenizer`: the tokenizer at `path`, EOS as its pad token where it has none."""
+    return _load_tokenizer(path, flag)
 
 
-def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+def prepare_run(model_args, task_args: TaskArguments, training_args) -> None:
+    """Every check before a model is built (`recipes.validation`): the arguments, the paths, and that `output_dir`
+    holds no run made with other settings (recorded in its run manifest)."""
+    check_arguments(task_args, training_args, model_args)
+    check_run_manifest(
+        training_args.output_dir, run_settings(task_args, training_args, model_args),
+        overwrite=task_args.overwrite_output_dir,
+    )  # fmt: skip
 
 
 def model_and_tokenizer(model_args, task_args: TaskArguments, training_args):
-    """The policy and its tokenizer for a recipe, seeded so a from-scratch model is the same every run."""
+    """The policy and its tokenizer for a recipe, after `prepare_run`'s checks, seeded so a from-scratch model is
+    the same every run."""
+    prepare_run(model_args, task_args, training_args)
     set_seed(training_args.seed)
     path = model_args.model_name_or_path
     trust_remote_code = getattr(training_args, "trust_remote_code", False)
     model = load_model(path, task_args, dtype=model_args.dtype, trust_remote_code=trust_remote_code)
-    return model, load_tokenizer(task_args.tokenizer_name_or_path or path)
+    if task_args.tokenizer_name_or_path:
+        return model, load_tokenizer(task_args.tokenizer_name_or_path)
+    return model, load_tokenizer(path, "--model_name_or_path")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,34 +240,36 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(max(done, key=lambda path: int(path.name.split("-")[-1]))) if done else None
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON through a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        temporary = handle.name
-    os.replace(temporary, path)
-
-
 def train_resumably(trainer, training_args) -> None:
     """`trainer.train()`, resuming from `--resume_from_checkpoint` or else the last complete checkpoint in
     `output_dir`, so re-running a killed command picks up where it stopped."""
     resume = training_args.resume_from_checkpoint or last_complete_checkpoint(training_args.output_dir)
     if resume:
         print(f"resuming from {resume}")
+    trainer.add_callback(ReadableCheckpoints())
     trainer.train(resume_from_checkpoint=resume)
 
 
-def save_and_push(trainer, training_args, recipe: str, eval_results: dict[str, float] | None = None) -> None:
-    """Save the final model and tokenizer to `output_dir`; with `--push_to_hub`, upload weights, code, tokenizer
-    and model card in one commit through `modeling_llama4.push_to_hub` (our model) or the Trainer's own push."""
-    trainer.save_model(training_args.output_dir)
+class ReadableCheckpoints(TrainerCallback):
+    """Checkpoints get the umask's permissions: safetensors writes its files owner-only (see `eval.files`)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            respect_umask(folder)
+
+
+def push(trainer, training_args, recipe: str, eval_results: dict[str, float] | None = None) -> None:
+    """With `--push_to_hub`: upload weights, code, tokenizer and model card in one commit through
+    `modeling_llama4.push_to_hub` (our model) or the Trainer's own push. A failed upload (offline, no token) is one
+    `InputError` saying the model is saved and how to push it later."""
     if not getattr(training_args, "push_to_hub_requested", training_args.push_to_hub):
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.accelerator.is_main_process:
-        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    if not trainer.accelerator.is_main_process:
+        return
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    try:
         if isinstance(model, modeling_llama4.Llama4PreTrainedModel):
             url = modeling_llama4.push_to_hub(
                 model, repo_id, processor=trainer.processing_class, recipe=recipe, eval_results=eval_results,
@@ -266,7 +277,14 @@ def save_and_push(trainer, training_args, recipe: str, eval_results: dict[str, f
             )  # fmt: skip
         else:
             url = trainer.push_to_hub()
-        print(f"pushed to {url}")
+    except Exception as error:  # the Hub client raises many types (connection, HTTP, offline mode, auth)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            f"--push_to_hub: uploading to {repo_id!r} failed ({type(error).__name__}: {first[:300]}). The model is "
+            f"saved in {training_args.output_dir} with its results.json; push it once online (and logged in, "
+            "`hf auth login`) with modeling_llama4.push_to_hub, or rerun the same command."
+        ) from error
+    print(f"pushed to {url}")
 
 
 def finish_recipe(
@@ -278,8 +296,8 @@ def finish_recipe(
     recipe: str,
     results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """After training: held-out evaluation, save (and push) the final model, write `results.json` last; returns
-    the results with the log history."""
+    """After training: held-out evaluation, save the final model, write `results.json`, then push (with
+    `--push_to_hub`); returns the results with the log history."""
     results = dict(results or {})
     if heldout is not None:
         results["heldout"] = heldout_accuracy(
@@ -288,8 +306,11 @@ def finish_recipe(
         )  # fmt: skip
         print(f"held-out accuracy after {recipe}: {results['heldout']['accuracy']:.1%}")
     accuracy = results.get("heldout", {}).get("accuracy")
-    save_and_push(trainer, training_args, recipe, {"heldout_accuracy": accuracy} if accuracy is not None else None)
+    trainer.save_model(training_args.output_dir)
+    respect_umask(training_args.output_dir)
+    # Results before the push: a failed upload leaves a finished, evaluated run behind.
     write_json_atomic(Path(training_args.output_dir) / "results.json", results)
+    push(trainer, training_args, recipe, {"heldout_accuracy": accuracy} if accuracy is not None else None)
     return {**results, "log_history": trainer.state.log_history}
 
 

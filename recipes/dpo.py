@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
 
 from recipes.common import (
     REWARD_FUNCTIONS,
@@ -29,6 +29,7 @@ from recipes.common import (
 )
 from recipes.preferences import preference_pairs, total_reward
 from recipes.sampling import cached_samples
+from recipes.validation import run_recipe
 
 
 @dataclass
@@ -78,5 +79,4 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
 
 
 if __name__ == "__main__":
-    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    run_recipe(main, (DPOScriptArguments, DPOConfig, ModelConfig))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from recipes.common import (
     REWARD_FUNCTIONS,
@@ -26,6 +26,7 @@ from recipes.common import (
     train_resumably,
 )
 from recipes.rl import OnlineRLConfig, OnlineRLTrainer
+from recipes.validation import run_recipe
 
 
 @dataclass
@@ -57,5 +58,4 @@ def main(
 
 
 if __name__ == "__main__":
-    parser = TrlParser((OnlineRLScriptArguments, OnlineRLConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    run_recipe(main, (OnlineRLScriptArguments, OnlineRLConfig, ModelConfig))

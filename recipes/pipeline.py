@@ -6,8 +6,10 @@ Each stage is one of the recipes (`pretrain.py`, `sft.py`, `online_rl.py`, `dpo.
 the overrides under `stages:` in the pipeline YAML, starting from the previous stage's model and writing to
 `<output_dir>/<stage>`. After every stage the model is evaluated on the held-out split. The pipeline writes
 `<output_dir>/results.json` (`{"stages": [{"name", "accuracy", ...}]}`), `report.md` and `results.png`
-(accuracy per stage and the loss curves). Killed and started again, it skips finished stages and the running
-stage resumes from its last checkpoint.
+(accuracy per stage, each stage's loss curve, the online-RL reward curve) and prints the stage table at the end.
+Killed and started again, it skips finished stages and the running stage resumes from its last checkpoint; a stage
+whose settings changed since it ran is refused (naming what changed) unless `--overwrite_output_dir true` starts
+every stage over.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ from typing import Any
 
 import torch
 import yaml
-from trl import DPOConfig, ModelConfig, SFTConfig, TrlParser
+from trl import DPOConfig, ModelConfig, SFTConfig
 
+from eval.files import atomic_path, write_json_atomic, write_text_atomic
 from recipes import dpo, online_rl, pretrain, sft
-from recipes.common import write_json_atomic
 from recipes.rl import OnlineRLConfig
+from recipes.validation import (
+    InputError,
+    check_arguments,
+    check_run_manifest,
+    parse_recipe_args,
+    run_recipe,
+    run_settings,
+)
 
 # name -> (script arguments, training config, entry point)
 STAGES = {
@@ -55,6 +65,10 @@ class PipelineArguments:
     torch_threads: int = field(
         default=0, metadata={"help": "CPU threads for torch (0: torch's default, one per core)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Run every stage again from the start, discarding the checkpoints and results there."},
+    )
 
 
 def _flags(arguments: dict[str, Any]) -> list[str]:
@@ -69,24 +83,33 @@ def _flags(arguments: dict[str, Any]) -> list[str]:
     return flags
 
 
-def run_stage(spec: dict[str, Any], model_path: str, output_dir: Path, shared: dict[str, Any]) -> dict[str, Any]:
-    """Run one recipe in this process; returns its results (read back from disk when already finished)."""
+def run_stage(
+    spec: dict[str, Any], model_path: str, output_dir: Path, shared: dict[str, Any], overwrite: bool = False
+) -> dict[str, Any]:
+    """Run one recipe in this process; returns its results (read back from disk when it finished before with the
+    same settings: the same recipe checks, `recipes.validation.check_run_manifest`, refuses changed ones)."""
     spec = dict(spec)
     name = spec.pop("name")
     if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
-    results_path = output_dir / "stage_results.json"
-    if results_path.is_file():
-        print(f"[{name}] finished before: {results_path}")
-        return json.loads(results_path.read_text(encoding="utf-8"))
+        raise InputError(f"unknown stage {name!r}; stages are {list(STAGES)}")
     script_cls, config_cls, entry = STAGES[name]
     config_file = spec.pop("config", None)
     arguments = {**shared, **spec, "output_dir": str(output_dir)}
     arguments["model_name_or_path"] = model_path
+    if overwrite:
+        arguments["overwrite_output_dir"] = True
     argv = (["--config", config_file] if config_file else []) + _flags(arguments)
-    script_args, training_args, model_args = TrlParser((script_cls, config_cls, ModelConfig)).parse_args_and_config(
-        argv
-    )
+    script_args, training_args, model_args = parse_recipe_args((script_cls, config_cls, ModelConfig), argv)
+    results_path = output_dir / "stage_results.json"
+    if results_path.is_file() and not overwrite:
+        check_arguments(script_args, training_args, model_args)
+        settings = run_settings(script_args, training_args, model_args)
+        try:
+            check_run_manifest(output_dir, settings, write=False)
+        except InputError as error:
+            raise InputError(f"[{name}] {error}") from None
+        print(f"[{name}] finished before: {results_path}")
+        return json.loads(results_path.read_text(encoding="utf-8"))
     print(f"[{name}] {' '.join(argv)}")
     start = time.perf_counter()
     results = entry(script_args, training_args, model_args)
@@ -129,14 +152,9 @@ def paired_change(before: list[int], after: list[int]) -> dict[str, Any]:
     return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
 
 
-def write_report(output_dir: Path, stages: list[dict[str, Any]]) -> None:
-    write_json_atomic(output_dir / "results.json", {"stages": stages})
+def stage_table(stages: list[dict[str, Any]]) -> list[str]:
+    """The stage table (markdown): accuracy, the paired change against the previous stage, loss and time."""
     lines = [
-        "# Llama 4 pipeline report",
-        "",
-        "Held-out accuracy (greedy pass@1) after each stage. Against the previous stage: the problems it newly",
-        "solved and newly failed, and the sign test's p-value for that split.",
-        "",
         "| stage | accuracy | by level | vs previous stage: solved / lost (p) | boxed | final loss | time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -145,49 +163,90 @@ def write_report(output_dir: Path, stages: list[dict[str, Any]]) -> None:
         loss = f"{stage['final_loss']:.3f}" if stage["final_loss"] is not None else "-"
         change = stage.get("vs_previous")
         change = f"+{change['gained']} / -{change['lost']} (p={change['p_value']:.2g})" if change else "-"
-        lines.append(
-            f"| {stage['name']} | {stage['accuracy']:.1%} | {levels} | {change} | {stage['boxed_rate']:.0%} | "
-            f"{loss} | {stage['seconds']} |"
-        )
+        accuracy = f"{stage['accuracy']:.1%}" if stage["accuracy"] is not None else "-"
+        boxed = f"{stage['boxed_rate']:.0%}" if stage.get("boxed_rate") is not None else "-"
+        lines.append(f"| {stage['name']} | {accuracy} | {levels} | {change} | {boxed} | {loss} | {stage['seconds']} |")
+    return lines
+
+
+def write_report(output_dir: Path, stages: list[dict[str, Any]]) -> None:
+    write_json_atomic(output_dir / "results.json", {"stages": stages})
+    lines = [
+        "# Llama 4 pipeline report",
+        "",
+        "Held-out accuracy (greedy pass@1) after each stage. Against the previous stage: the problems it newly",
+        "solved and newly failed, and the sign test's p-value for that split.",
+        "",
+        *stage_table(stages),
+    ]
     for stage in stages:
         if "filter" in stage:
             f = stage["filter"]
             lines += ["", f"SFT judge filter kept {f['kept']}/{f['total']} prompts ({f['kept_fraction']:.0%})."]
         if "pairs" in stage:
             lines += ["", f"DPO: {stage['pairs']['pairs']} pairs from {stage['pairs']['prompts']} prompts."]
-    lines += ["", "![accuracy and losses](results.png)", ""]
-    (output_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    lines += ["", "![accuracy, losses and the RL reward](results.png)", ""]
+    write_text_atomic(output_dir / "report.md", "\n".join(lines))
     plot(output_dir / "results.png", stages)
 
 
 def plot(path: Path, stages: list[dict[str, Any]]) -> None:
+    """Top row: held-out accuracy per stage (bars labelled with their values) and the online-RL reward per step;
+    bottom row: each stage's training loss on its own axes (their steps and scales differ)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    with_loss = [stage for stage in stages if stage.get("loss_curve")]
+    with_reward = [stage for stage in stages if stage.get("reward_curve")]
+    columns = max(len(with_loss), 2)
+    figure = plt.figure(figsize=(3.6 * columns, 7.2))
+    grid = figure.add_gridspec(2, columns * 2)
+    half = columns
+    accuracy_axes = figure.add_subplot(grid[0, : half if with_reward else columns * 2])
     names = [stage["name"] for stage in stages]
-    left.bar(names, [100 * (stage["accuracy"] or 0) for stage in stages], color="tab:blue")
-    left.set_ylabel("held-out accuracy (%)")
-    left.set_title("accuracy after each stage")
-    for stage in stages:
-        if stage["loss_curve"]:
-            steps, losses = zip(*stage["loss_curve"])
-            right.plot(steps, losses, label=stage["name"])
-    right.set_xlabel("step")
-    right.set_ylabel("training loss")
-    right.set_yscale("symlog", linthresh=0.1)
-    right.set_title("loss curves")
-    right.legend()
+    values = [100 * (stage["accuracy"] or 0) for stage in stages]
+    colors = plt.get_cmap("tab10").colors
+    bars = accuracy_axes.bar(names, values, color=[colors[i % 10] for i in range(len(stages))])
+    accuracy_axes.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=2, fontsize=10)
+    accuracy_axes.set_ylim(0, min(100, max(values + [1]) * 1.25 + 5))
+    accuracy_axes.set_ylabel("held-out accuracy (%)")
+    accuracy_axes.set_title("accuracy after each stage (greedy pass@1)")
+    accuracy_axes.grid(axis="y", alpha=0.3)
+    if with_reward:
+        reward_axes = figure.add_subplot(grid[0, half:])
+        for stage in with_reward:
+            rewards = stage["reward_curve"]
+            reward_axes.plot(range(1, len(rewards) + 1), rewards, marker="o", markersize=3, label=stage["name"])
+        reward_axes.set_xlabel("logged step")
+        reward_axes.set_ylabel("mean reward")
+        reward_axes.set_title("online RL reward")
+        reward_axes.grid(alpha=0.3)
+        if len(with_reward) > 1:
+            reward_axes.legend()
+    for index, stage in enumerate(with_loss):
+        axes = figure.add_subplot(grid[1, 2 * index : 2 * index + 2])
+        steps, losses = zip(*stage["loss_curve"])
+        color = colors[names.index(stage["name"]) % 10]
+        axes.plot(steps, losses, color=color, marker="o" if len(steps) < 30 else None, markersize=3)
+        axes.set_title(f"{stage['name']} loss")
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        if index == 0:
+            axes.set_ylabel("training loss")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)
 
 
 def main(args: PipelineArguments) -> list[dict[str, Any]]:
     if not args.stages:
-        raise ValueError("no stages: give `stages:` in the pipeline YAML (see recipes/configs/pipeline_tiny.yaml)")
+        raise InputError("no stages: give `stages:` in the pipeline YAML (see recipes/configs/pipeline_tiny.yaml)")
+    for spec in args.stages:
+        if not isinstance(spec, dict) or spec.get("name") not in STAGES:
+            raise InputError(f"stages: each needs a `name` among {list(STAGES)}, got {spec!r}")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     output_dir = Path(args.output_dir)
@@ -196,7 +255,7 @@ def main(args: PipelineArguments) -> list[dict[str, Any]]:
     previous_correct = None
     for spec in args.stages:
         stage_dir = output_dir / spec["name"]
-        results = run_stage(spec, model_path, stage_dir, dict(args.shared or {}))
+        results = run_stage(spec, model_path, stage_dir, dict(args.shared or {}), args.overwrite_output_dir)
         summaries.append(summarize(spec["name"], results))
         correct = results.get("heldout", {}).get("correct")
         if previous_correct is not None and correct is not None:
@@ -204,10 +263,14 @@ def main(args: PipelineArguments) -> list[dict[str, Any]]:
         previous_correct = correct
         write_report(output_dir, summaries)
         model_path = str(stage_dir)
-        print(f"[{spec['name']}] held-out accuracy {summaries[-1]['accuracy']:.1%}")
-    print(f"results: {output_dir / 'results.json'}, report: {output_dir / 'report.md'}")
+        if summaries[-1]["accuracy"] is not None:
+            print(f"[{spec['name']}] held-out accuracy {summaries[-1]['accuracy']:.1%}")
+    print("\n".join(["", *stage_table(summaries), ""]))
+    print(
+        f"results: {output_dir / 'results.json'}, report: {output_dir / 'report.md'}, plot: {output_dir / 'results.png'}"
+    )
     return summaries
 
 
 if __name__ == "__main__":
-    main(*TrlParser((PipelineArguments,)).parse_args_and_config())
+    run_recipe(main, (PipelineArguments,))

@@ -18,9 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from datasets import load_dataset
 from transformers import DataCollatorForLanguageModeling, Trainer
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import ModelConfig, SFTConfig
 
 from recipes.common import (
     TaskArguments,
@@ -31,6 +30,7 @@ from recipes.common import (
     train_resumably,
 )
 from recipes.synthetic import pretraining_corpus
+from recipes.validation import load_task_dataset, run_recipe
 
 
 @dataclass
@@ -48,7 +48,9 @@ class PretrainScriptArguments(TaskArguments):
 def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     if script_args.dataset_name:
-        corpus = load_dataset(script_args.dataset_name, split=script_args.dataset_train_split)
+        corpus = load_task_dataset(
+            script_args.dataset_name, script_args.dataset_train_split, ("text",), split_flag="--dataset_train_split"
+        )
         heldout = None
     else:
         corpus = pretraining_corpus(
@@ -82,5 +84,4 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
 
 
 if __name__ == "__main__":
-    parser = TrlParser((PretrainScriptArguments, SFTConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    run_recipe(main, (PretrainScriptArguments, SFTConfig, ModelConfig))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 from eval.grading import math_answer_correct
 from recipes.common import (
@@ -30,6 +30,7 @@ from recipes.common import (
 )
 from recipes.judge import filter_hard, pass_rates
 from recipes.sampling import cached_samples
+from recipes.validation import run_recipe
 
 
 @dataclass
@@ -47,15 +48,16 @@ class SFTScriptArguments(TaskArguments):
 
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
-    train, heldout = task_datasets(script_args)
+    train, heldout = task_datasets(script_args, ("completion",))
     output_dir = Path(training_args.output_dir)
 
     if script_args.judge_threshold <= 1.0:
         judge, judge_tokenizer = model, tokenizer
         if script_args.judge_model_name_or_path:
             path = script_args.judge_model_name_or_path
-            judge = load_model(path, trust_remote_code=training_args.trust_remote_code)
-            judge_tokenizer = load_tokenizer(path)
+            flag = "--judge_model_name_or_path"
+            judge = load_model(path, trust_remote_code=training_args.trust_remote_code, flag=flag)
+            judge_tokenizer = load_tokenizer(path, flag)
         samples = cached_samples(
             judge, judge_tokenizer, list(train["prompt"]), num_samples=script_args.judge_samples,
             cache_dir=output_dir / "judge_cache", temperature=script_args.judge_temperature,
@@ -86,5 +88,4 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
 
 
 if __name__ == "__main__":
-    parser = TrlParser((SFTScriptArguments, SFTConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    run_recipe(main, (SFTScriptArguments, SFTConfig, ModelConfig))

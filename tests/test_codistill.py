@@ -402,10 +402,14 @@ def test_recipe_script_runs_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoint-2").is_dir() and (tmp_path / "run" / "model.safetensors").is_file()
     assert "heldout" in json.loads((tmp_path / "run" / "results.json").read_text())
-    again = subprocess.run(command[:-6] + ["--max_steps", "3", "--output_dir", str(tmp_path / "run")] + command[-4:],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout and "checkpoint-2" in again.stdout
+    # Another step budget changes the learning-rate schedule: refused in one line rather than mixed into this run.
+    longer = command[:-6] + ["--max_steps", "3", "--output_dir", str(tmp_path / "run")] + command[-4:]
+    refused = subprocess.run(longer, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "max_steps: 2 -> 3" in refused.stderr and "--overwrite_output_dir true" in refused.stderr
 
 
 @pytest.mark.slow

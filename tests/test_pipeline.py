@@ -22,7 +22,9 @@ def test_pipeline_runs_every_stage_writes_results_and_skips_finished_stages(tmp_
         "per_device_train_batch_size": 8, "heldout_max_new_tokens": 8, "seed": 0,
     }  # fmt: skip
     micro = {
-        "pretrain": {"corpus_documents": 32, "model_config_overrides": "{}"},
+        # Merged over pretrain_tiny.yaml's overrides: back to hub_configs/tiny's own (smaller) sizes.
+        "pretrain": {"corpus_documents": 32, "model_config_overrides": {"hidden_size": 64, "head_dim": 16,
+                     "intermediate_size": 64, "intermediate_size_mlp": 128, "attention_chunk_size": 32}},
         "sft": {"judge_samples": 2, "judge_max_new_tokens": 8},
         # A random model never answers right: rewards with variance keep GRPO and the DPO pair builder busy.
         "online_rl": {"reward_funcs": ["tests.recipe_rewards.digit_share_reward"], "reward_weights": [1.0],

@@ -18,23 +18,16 @@ class CoDistillationConfig(SFTConfig):
     Configuration for [`CoDistillationTrainer`]: every [`~trl.SFTConfig`] field (data handling, completion-only and
     assistant-only masks, packing, `router_aux_loss_coef`) plus the fields below.
 
-    The per-token loss is `w * soft + (1 - w) * hard` (plus the router losses), with
-
-    - `soft = T^2 * KL(p_teacher^T || p_student^T)`, `p^T = softmax(logits / T)`, over the full vocabulary for an
-      online teacher and over the stored top-k plus one tail bucket for precomputed teacher logits;
-    - `hard = -log p_student(label)` (at T = 1);
-    - `w = s(t)` with `weighting="schedule"`, where `s(t)` goes from `soft_weight_start` to `soft_weight_end` over
-      training along `soft_weight_schedule`;
-    - `w = s(t) * (1 - max_{v != label} p_teacher(v))` with `weighting="adaptive"` (the default; teacher
-      probabilities at T = 1): the soft target is trusted where the teacher is right and sure, the label takes over
-      where the teacher is confidently wrong, and an unsure teacher keeps part of its say (its spread is information);
-    - `w = s(t) * 1[argmax p_teacher = label] * p_teacher(label)` (0 below `teacher_confidence_threshold`) with
-      `weighting="adaptive_argmax"`: soft only where the teacher's top token is the label.
+    The per-token loss is `w * soft + (1 - w) * hard` (plus the router losses): a KL to the teacher's softened
+    distribution against the cross-entropy to the label, with the weight w set per token by `weighting`. The formulas
+    are written once, in the docstring of `recipes/trainers/codistill_trainer.py`.
 
     Parameters:
         temperature (`float`, defaults to `1.0`): softmax temperature T of the soft term (the KL is scaled by T^2 so
             that its gradients keep their size as T changes).
-        weighting (`str`, defaults to `"adaptive"`): `"schedule"`, `"adaptive"` or `"adaptive_argmax"` (see above).
+        weighting (`str`, defaults to `"adaptive"`): `"schedule"` (w = s(t)), `"adaptive"` (s(t) scaled down where
+            the teacher is confidently wrong) or `"adaptive_argmax"` (soft only where the teacher's top token is the
+            label).
         soft_weight_start / soft_weight_end (`float`, default `1.0` / `0.5`): s(t) at the first and last step.
         soft_weight_schedule (`str`, defaults to `"linear"`): `"constant"` (always `soft_weight_start`), `"linear"`
             or `"cosine"`.

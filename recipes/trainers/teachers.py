@@ -36,14 +36,15 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-from trl.trainer.utils import create_model_from_path, pad
+from trl.trainer.utils import pad
 
+from eval.files import atomic_path, write_json_atomic
 from eval.generation import generate_completions
 from eval.grading import math_answer_correct
-from modeling_llama4 import Llama4ForCausalLM
+from eval.loading import load_causal_lm
 
 FORMAT_VERSION = 2
 METADATA = "metadata.json"
@@ -56,12 +57,14 @@ TOPK_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_target_logpro
 
 
 def load_teacher(path: str, init_kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
-    """A teacher from a path or Hub id: our `Llama4ForCausalLM` for any Llama 4 checkpoint (TRL's loader would pick
-    transformers' dense built-in), any other causal LM through TRL's loader."""
+    """A teacher from a path or Hub id through the project's one loader (`eval.loading.load_causal_lm`: our
+    `Llama4ForCausalLM` for any Llama 4 checkpoint, where TRL's loader would pick transformers' dense built-in),
+    with TRL's defaults for `teacher_model_init_kwargs`: float32, and `device_map="auto"` off CPU."""
     kwargs = dict(init_kwargs or {})
-    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
-    architecture = Llama4ForCausalLM if config.model_type in ("llama4", "llama4_text") else None
-    return create_model_from_path(path, architecture=architecture, **kwargs)
+    kwargs.setdefault("dtype", "float32")
+    if "device_map" not in kwargs and PartialState().device.type not in ("cpu", "mps"):
+        kwargs["device_map"] = "auto"
+    return load_causal_lm(path, flag="--teacher_model_name_or_path", **kwargs)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -223,10 +226,7 @@ def _check_or_write_metadata(folder: Path, metadata: dict[str, Any], state: Part
             )
         return
     if state.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(metadata, indent=2))
-        os.replace(temporary, path)
+        write_json_atomic(path, metadata)
 
 
 @torch.no_grad()
@@ -325,9 +325,8 @@ def write_teacher_topk(
             "target_logprobs": torch.cat([p[2] for p in parts]).to(dtype).contiguous(),
             "top2_logprobs": torch.cat([p[3] for p in parts]).to(dtype).contiguous(),
         }
-        temporary = path.with_suffix(".tmp")
-        save_file(tensors, str(temporary))
-        os.replace(temporary, path)  # atomic: a reader or a rerun sees the whole shard or none
+        with atomic_path(path) as temporary:  # a reader or a rerun sees the whole shard or none
+            save_file(tensors, str(temporary))
         written += 1
     teacher.train(was_training)
     state.wait_for_everyone()

@@ -1,0 +1,161 @@
+"""Loading a causal LM by path or Hub id, once for the whole project: `python -m eval`, the recipes and the
+codistillation teachers all load through `load_causal_lm`.
+
+It lives in `eval/` because the recipes may import `eval/` but not the other way round, and `modeling_llama4/`
+stays the model alone (it ships as Hub remote code, where a CLI loader has no place).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["InputError", "check_model_path", "load_causal_lm", "load_tokenizer", "torch_dtype"]
+
+LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")
+HUB_ID_HINT = "a Hub id looks like org/name (e.g. meta-llama/Llama-4-Scout-17B-16E-Instruct)"
+
+
+class InputError(ValueError):
+    """A mistake in what the user passed (a path, a flag, a data file). The message names the offending value and
+    the fix; command-line entry points print it without a traceback."""
+
+
+def check_model_path(path: str | os.PathLike, flag: str = "--model_name_or_path", *, need_config: bool = True) -> None:
+    """Refuse a local path that does not exist (or holds no `config.json`) before huggingface_hub takes it for a
+    malformed repo id. A string in Hub-id form that is not a local directory passes: the Hub decides."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = str(path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        if need_config and not (local / "config.json").is_file():
+            raise InputError(
+                f"{flag} {text!r} is a directory without config.json: give the directory a model was saved to "
+                "(save_pretrained writes config.json beside the weights)"
+            )
+        return
+    if local.exists():
+        raise InputError(
+            f"{flag} {text!r} is a file, not a model directory: give the directory that holds config.json, or "
+            f"{HUB_ID_HINT}"
+        )
+    try:
+        validate_repo_id(text)
+        hub_form = not text.startswith((".", "/", "~")) and text.count("/") <= 1
+    except HFValidationError:
+        hub_form = False
+    if not hub_form:
+        raise InputError(f"{flag}: no such directory {text!r}; {HUB_ID_HINT}")
+
+
+def torch_dtype(dtype: Any) -> Any:
+    """None and "auto" as they are (transformers' default, the checkpoint's own), "bfloat16" -> torch.bfloat16, a
+    torch.dtype as is."""
+    import torch
+
+    if dtype in (None, "auto"):
+        return dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise InputError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    return value
+
+
+def _check_overrides(overrides: dict[str, Any], config: Any, flag: str) -> None:
+    known = set(config.to_dict())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
+        said = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
+        raise InputError(f"{flag}: {config.model_type} configs have no field {said}")
+
+
+def _llama4_config(path: str, overrides: dict[str, Any], flag: str, overrides_flag: str):
+    """The text config with `overrides`, built (and so checked) by the config class before any weights load; its
+    complaint names the flag and the value."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from modeling_llama4 import Llama4TextConfig
+
+    try:
+        return Llama4TextConfig.from_pretrained(path, **overrides)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        given = f" with {overrides_flag} {overrides}" if overrides else ""
+        message = " ".join(str(error).split())
+        raise InputError(f"{flag} {path!r}{given}: the config is invalid: {message}") from None
+
+
+def _load_config(path: str, flag: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if Path(path).expanduser().is_dir():
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"{flag} {path!r}: no local directory of that name, and it could not be loaded as a Hub id ({first}). "
+            "Check the spelling of the path; a Hub model needs network access or a cached copy."
+        ) from error
+
+
+def load_causal_lm(
+    path: str,
+    *,
+    flag: str = "--model_name_or_path",
+    dtype: Any = None,
+    trust_remote_code: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+    overrides_flag: str = "--model_config_overrides",
+    from_scratch: bool = False,
+    **kwargs: Any,
+):
+    """Our `Llama4ForCausalLM` for any Llama 4 checkpoint (ours, transformers' or an official multimodal one: its
+    text half), built freshly initialised from the config when `from_scratch`; any other causal LM through
+    `AutoModelForCausalLM`. `config_overrides` go through the config class (its checks apply); `kwargs` (e.g.
+    `device_map`, `attn_implementation`) go to `from_pretrained`. `flag` and `overrides_flag` name the arguments in
+    error messages."""
+    from transformers import AutoModelForCausalLM
+
+    from modeling_llama4 import Llama4ForCausalLM
+
+    check_model_path(path, flag)
+    overrides = dict(config_overrides or {})
+    dtype = torch_dtype(dtype)
+    config = _load_config(path, flag, trust_remote_code)
+    is_llama4 = getattr(config, "model_type", None) in LLAMA4_MODEL_TYPES
+    if overrides:
+        _check_overrides(overrides, config.get_text_config() if is_llama4 else config, overrides_flag)
+    if from_scratch and not is_llama4:
+        raise InputError(f"{flag} {path!r} is a {config.model_type} config; from_scratch builds Llama 4 only")
+    if is_llama4:
+        text_config = _llama4_config(path, overrides, flag, overrides_flag)
+    if from_scratch:
+        model = Llama4ForCausalLM(text_config)
+        return model.to(dtype) if dtype not in (None, "auto") else model
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if is_llama4:
+        return Llama4ForCausalLM.from_pretrained(path, **overrides, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides, **kwargs)
+
+
+def load_tokenizer(
+    path: str, flag: str = "--tokenizer_name_or_path", *, trust_remote_code: bool = False, pad_with_eos: bool = True
+):
+    """The tokenizer saved at `path`; with `pad_with_eos`, EOS becomes the pad token where it has none (the
+    trainers pad batches)."""
+    from transformers import AutoTokenizer
+
+    check_model_path(path, flag, need_config=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if pad_with_eos and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

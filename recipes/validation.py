@@ -1,0 +1,365 @@
+"""What every recipe checks before it builds a model: arguments, data, config overrides and the output directory.
+
+Every recipe (and the pipeline, which runs them) goes through `parse_recipe_args` (flags merged with the YAML),
+`check_arguments` (values, the dataset, the DPO losses) and `check_run_manifest` (a resume must have the settings
+of the run it resumes), so a mistake is reported in seconds, naming the flag, file or value and the fix, and
+never as a library traceback after minutes of sampling. Errors are `InputError`s; `run_recipe` prints them
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from datasets import Dataset, load_dataset
+from trl import DPOConfig, TrlParser
+
+from eval.files import write_json_atomic
+from eval.loading import InputError, check_model_path
+
+from .synthetic import LANGUAGES, LEVELS
+
+__all__ = [
+    "InputError",
+    "MANIFEST",
+    "check_arguments",
+    "check_run_manifest",
+    "load_task_dataset",
+    "parse_mapping",
+    "parse_recipe_args",
+    "run_recipe",
+    "run_settings",
+]
+
+MANIFEST = "run_manifest.json"
+# Flags holding config fields: given both in the YAML and on the command line, the two mappings are merged (the
+# command line wins per field) rather than the command line's replacing the YAML's.
+MERGED_MAPPINGS = ("model_config_overrides", "teacher_config_overrides")
+DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# The losses TRL's DPOTrainer computes; it checks `loss_type` only in its first training step.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_mapping(value: Any, flag: str) -> dict[str, Any]:
+    """A mapping given as a dict or as JSON/YAML text (`{hidden_size: 128}`); anything else names the flag."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        parsed = yaml.safe_load(value) if isinstance(value, str) else value
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InputError(
+            f"{flag}: {value!r} is not a JSON/YAML mapping{where} ({getattr(error, 'problem', error)}); "
+            "write it like '{\"hidden_size\": 128}'"
+        ) from None
+    if parsed is None:
+        return {}
+    if not isinstance(parsed, dict):
+        raise InputError(f"{flag}: expected a mapping like '{{\"hidden_size\": 128}}', got {value!r}")
+    return parsed
+
+
+def _yaml_config(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
+    if "--config" not in argv:
+        return None, {}
+    path = Path(argv[list(argv).index("--config") + 1])
+    if not path.is_file():
+        raise InputError(f"--config: no such file {str(path)!r}")
+    try:
+        return str(path), yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"--config {path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+
+
+def merge_mapping_flags(argv: Sequence[str]) -> list[str]:
+    """`argv` with each `--model_config_overrides` / `--teacher_config_overrides` merged over the YAML's."""
+    argv = list(argv)
+    path, config = _yaml_config(argv)
+    for name in MERGED_MAPPINGS:
+        flag = f"--{name}"
+        if flag not in argv or name not in config:
+            continue
+        position = argv.index(flag) + 1
+        if position >= len(argv):
+            raise InputError(f"{flag} needs a value, e.g. '{{\"hidden_size\": 128}}'")
+        merged = {**parse_mapping(config[name], f"{name} in {path}"), **parse_mapping(argv[position], flag)}
+        argv[position] = json.dumps(merged)
+    return argv
+
+
+def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+    """`TrlParser(dataclass_types).parse_args_and_config(argv)` with the config-override mappings merged."""
+    argv = merge_mapping_flags(sys.argv[1:] if argv is None else argv)
+    return TrlParser(tuple(dataclass_types)).parse_args_and_config(argv)
+
+
+def run_recipe(main: Callable, dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> Any:
+    """The recipes' `__main__`: parse, run, and print an `InputError` as one line (exit status 2)."""
+    try:
+        return main(*parse_recipe_args(dataclass_types, argv))
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments and data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _at_least(args: Any, name: str, low: int) -> None:
+    value = getattr(args, name, None)
+    if value is not None and value < low:
+        raise InputError(f"--{name} {value}: must be at least {low}")
+
+
+def check_arguments(script_args: Any, training_args: Any = None, model_args: Any = None) -> None:
+    """Every check that needs no model and no data download; raises `InputError`."""
+    if not script_args.dataset_name:
+        _at_least(script_args, "train_problems", 1)
+        unknown = sorted(set(script_args.languages) - set(LANGUAGES))
+        if unknown:
+            raise InputError(f"--languages: the synthetic task has no {unknown}; it has {list(LANGUAGES)}")
+        wrong = sorted(set(script_args.levels) - set(LEVELS))
+        if wrong:
+            raise InputError(f"--levels: the synthetic task has no level {wrong}; it has {list(LEVELS)}")
+    else:
+        path = Path(script_args.dataset_name).expanduser()
+        if path.exists():
+            _data_files(path, "--dataset_name")  # readable, well-formed data before a model is built
+        else:
+            try:
+                check_model_path(script_args.dataset_name, "--dataset_name", need_config=False)
+            except InputError:
+                raise InputError(
+                    f"--dataset_name: no such file or directory {script_args.dataset_name!r}; a Hub dataset id looks "
+                    "like org/name"
+                ) from None
+    _at_least(script_args, "heldout_problems", 0)
+    for name in ("heldout_batch_size", "heldout_max_new_tokens", "judge_samples", "pair_samples", "corpus_documents"):
+        _at_least(script_args, name, 1)
+    for name in MERGED_MAPPINGS:
+        if hasattr(script_args, name):
+            setattr(script_args, name, parse_mapping(getattr(script_args, name), f"--{name}") or None)
+    model_path = getattr(model_args, "model_name_or_path", None)
+    if model_args is not None:
+        if not model_path:
+            raise InputError("--model_name_or_path is required: a model directory, a config directory (with "
+                             "--from_scratch true) or a Hub id")  # fmt: skip
+        check_model_path(model_path, "--model_name_or_path")
+    for name in ("judge_model_name_or_path", "teacher_model_name_or_path"):
+        for args in (script_args, training_args):
+            path = getattr(args, name, None)
+            if path:
+                check_model_path(path, f"--{name}")
+    if getattr(script_args, "tokenizer_name_or_path", None):
+        check_model_path(script_args.tokenizer_name_or_path, "--tokenizer_name_or_path", need_config=False)
+    if isinstance(training_args, DPOConfig):
+        unknown = [loss for loss in training_args.loss_type or [] if loss not in DPO_LOSS_TYPES]
+        if unknown:
+            raise InputError(f"--loss_type {unknown}: DPO has no such loss; choose from {list(DPO_LOSS_TYPES)}")
+
+
+def _check_json_lines(path: Path) -> None:
+    """Name the file and line of the first malformed JSON record (the datasets error names neither). A .json file
+    may hold one document or JSON Lines, as the `json` builder reads both."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError as error:
+            if text.lstrip().startswith("["):
+                raise InputError(
+                    f"{path}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})"
+                ) from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(
+                    f"{path}:{number}: malformed JSON ({error.msg}, column {error.colno}); a .jsonl file holds one "
+                    "JSON object per line"
+                ) from None
+
+
+def _data_files(path: Path, flag: str) -> tuple[str, list[Path]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES)
+    if not files:
+        raise InputError(
+            f"{flag} {str(path)!r} holds no data files (.jsonl, .json, .csv or .parquet): put train.jsonl (and "
+            "test.jsonl) in it, or give a Hub dataset id"
+        )
+    builders = {DATA_SUFFIXES.get(p.suffix) for p in files}
+    if None in builders or len(builders) > 1:
+        raise InputError(
+            f"{flag} {str(path)!r}: data files must all be .jsonl/.json, .csv or .parquet, got "
+            f"{sorted({p.suffix for p in files})}"
+        )
+    for file in files:
+        if file.stat().st_size == 0 or (file.suffix in (".json", ".jsonl") and not file.read_text().strip()):
+            raise InputError(f"{flag}: the data file {str(file)!r} is empty (no rows)")
+        if file.suffix in (".json", ".jsonl"):
+            _check_json_lines(file)
+    return builders.pop(), files
+
+
+def load_task_dataset(
+    name: str, split: str, columns: Sequence[str] = (), flag: str = "--dataset_name", split_flag: str = ""
+) -> Dataset:
+    """Split `split` of a Hub dataset, a local directory or a single data file, with `columns` present and at least
+    one row; every failure names the flag, the path (and line) and the fix."""
+    path = Path(name).expanduser()
+    if path.exists():
+        builder, files = _data_files(path, flag)
+        if path.is_file():
+            if split != "train":
+                raise InputError(
+                    f"{flag} {name!r} is a single file, which holds only a 'train' split, not {split!r}: give a "
+                    f"directory with train and {split} files, or skip the held-out split (--heldout_problems 0)"
+                )
+            data_files = {"train": [str(path)]}
+        else:
+            data_files = None
+        try:
+            if data_files is not None:
+                dataset = load_dataset(builder, data_files=data_files, split=split)
+            else:
+                dataset = load_dataset(str(path), split=split)
+        except ValueError as error:
+            if "split" in str(error).lower():
+                raise InputError(
+                    f"{flag} {name!r} has no {split!r} split ({error}); name its files {split}.jsonl etc."
+                    + (f", or choose another with {split_flag}" if split_flag else "")
+                ) from None
+            raise
+    else:
+        if Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1:
+            raise InputError(f"{flag}: no such file or directory {name!r}; a Hub dataset id looks like org/name")
+        dataset = load_dataset(name, split=split)
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise InputError(
+            f"{flag} {name!r} ({split}) lacks the columns {missing} (it has {dataset.column_names}): recipes need "
+            "`prompt` (chat messages) and `answer` (the gold final answer), plus `completion` for SFT and "
+            "codistillation, and `text` for pretraining"
+        )
+    if len(dataset) == 0:
+        raise InputError(f"{flag} {name!r} ({split}) has no rows")
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output directory: what a resume must share with the run it resumes
+# ---------------------------------------------------------------------------------------------------------------
+
+# Arguments that do not change the trained model: where and how often it logs and saves, and where it is pushed.
+IGNORED_ARGUMENTS = {
+    "output_dir", "logging_dir", "run_name", "report_to", "resume_from_checkpoint", "overwrite_output_dir",
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "log_level",
+    "log_level_replica", "log_on_each_node", "disable_tqdm", "save_steps", "save_strategy", "save_total_limit",
+    "save_only_model", "save_safetensors", "eval_steps", "eval_strategy", "per_device_eval_batch_size",
+    "push_to_hub", "push_to_hub_requested", "hub_model_id", "hub_token", "hub_private_repo", "hub_strategy",
+    "hub_always_push", "hub_revision", "dataloader_num_workers", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "local_rank", "heldout_problems", "heldout_batch_size", "heldout_max_new_tokens",
+    "dataset_test_split", "write_teacher_logits_only", "trackio_space_id", "project",
+}  # fmt: skip
+
+
+def _model_files(path: str) -> dict[str, Any] | None:
+    """A local model's config (its hash) and weights (size and modification time, cheap for any size): a
+    retrained model at the same path differs. None for a Hub id."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    files: dict[str, Any] = {}
+    if (folder / "config.json").is_file():
+        files["config.json"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16]
+    for weights in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
+        files[weights.name] = [weights.stat().st_size, weights.stat().st_mtime_ns]
+    return files
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_settings(script_args: Any, training_args: Any, model_args: Any) -> dict[str, Any]:
+    """What a run's result depends on: the model (path and, when local, its files), the data and task arguments,
+    and the training arguments, less `IGNORED_ARGUMENTS`."""
+    settings: dict[str, Any] = {}
+    for args in (model_args, script_args):
+        if args is not None:
+            settings.update(dataclasses.asdict(args))
+    if training_args is not None:
+        settings.update(training_args.to_dict())
+    settings = {k: v for k, v in _plain(settings).items() if k not in IGNORED_ARGUMENTS and not k.startswith("_")}
+    for key in ("model_name_or_path", "teacher_model_name_or_path", "judge_model_name_or_path"):
+        if settings.get(key):
+            settings[f"{key} files"] = _model_files(settings[key])
+    return settings
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """Whether there is anything to resume or reuse: a checkpoint or a results file (a run that stopped before its
+    first checkpoint leaves nothing a new run could mix with)."""
+    results = any((folder / name).is_file() for name in ("results.json", "stage_results.json"))
+    return results or any(folder.glob("checkpoint-*"))
+
+
+def check_run_manifest(
+    output_dir: str | Path, settings: dict[str, Any], *, overwrite: bool = False, write: bool = True
+) -> None:
+    """Refuse to resume in `output_dir` a run made with other `settings` (when it left a checkpoint or results),
+    naming each that changed; with `overwrite`, remove its checkpoints and results first. Records `settings` in `output_dir/run_manifest.json` (atomically)."""
+    folder = Path(output_dir)
+    path = folder / MANIFEST
+    if overwrite:
+        for checkpoint in folder.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        for name in ("results.json", "stage_results.json", MANIFEST):
+            (folder / name).unlink(missing_ok=True)
+    elif path.is_file() and _holds_a_run(folder):
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            stored = None
+        if isinstance(stored, dict):
+            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            if changed:
+                lines = [f"  {k}: {_describe(stored.get(k))} -> {_describe(settings.get(k))}" for k in changed[:12]]
+                more = f"\n  ... and {len(changed) - 12} more" if len(changed) > 12 else ""
+                raise InputError(
+                    f"output_dir {str(folder)!r} holds a run made with other settings, which a resume would mix with "
+                    "these (before -> now):\n" + "\n".join(lines) + more + "\nRerun with the same arguments to "
+                    "resume, choose another --output_dir, or pass --overwrite_output_dir true to start over (it "
+                    "deletes the checkpoints and results there)."
+                )
+    if write:
+        write_json_atomic(path, settings)

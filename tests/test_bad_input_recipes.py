@@ -1,0 +1,349 @@
+"""Mistakes a new user makes with the recipes: each fails in seconds, before a model is built, with an `InputError`
+that names the flag, path or value and the fix (never a library traceback)."""
+
+import json
+import os
+import stat
+
+import pytest
+from trl import DPOConfig, ModelConfig, SFTConfig
+
+from recipes import codistill, dpo, online_rl, pretrain, sft
+from recipes.common import write_json_atomic
+from recipes.rl import OnlineRLConfig
+from recipes.trainers import CoDistillationConfig
+from recipes.validation import (
+    DPO_LOSS_TYPES,
+    InputError,
+    merge_mapping_flags,
+    parse_recipe_args,
+    run_recipe,
+)
+
+FAST = ["--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--max_steps", "1"]
+RECIPES = {
+    "pretrain": (pretrain, (pretrain.PretrainScriptArguments, SFTConfig, ModelConfig)),
+    "sft": (sft, (sft.SFTScriptArguments, SFTConfig, ModelConfig)),
+    "online_rl": (online_rl, (online_rl.OnlineRLScriptArguments, OnlineRLConfig, ModelConfig)),
+    "dpo": (dpo, (dpo.DPOScriptArguments, DPOConfig, ModelConfig)),
+    "codistill": (codistill, (codistill.CoDistillScriptArguments, CoDistillationConfig, ModelConfig)),
+}
+
+
+def run(name: str, tmp_path, *argv: str, model: str = "hub_configs/tiny"):
+    """A recipe's `main` on parsed flags; the model is never reached when the input is bad."""
+    module, types = RECIPES[name]
+    flags = ["--model_name_or_path", model, "--output_dir", str(tmp_path / "out"), *FAST, *argv]
+    if name == "online_rl":
+        flags += ["--num_generations", "2", "--per_device_train_batch_size", "2"]
+    return module.main(*parse_recipe_args(types, flags))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a recipe gets as far as building a model."""
+    import recipes.common
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the bad input was reported")
+
+    monkeypatch.setattr(recipes.common, "load_causal_lm", refuse)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and tokenizer paths
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_mistyped_local_model_path_names_it_and_the_hub_id_form(name, tmp_path, no_model):
+    typo = str(tmp_path / "outputs" / "pipline" / "sft")
+    with pytest.raises(
+        InputError, match=r"--model_name_or_path: no such directory .*pipline.*a Hub id looks like org/name"
+    ):
+        run(name, tmp_path, model=typo)
+
+
+def test_relative_mistyped_path_is_not_taken_for_a_hub_id(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"no such directory './hub_configs/tinyy'"):
+        run("sft", tmp_path, model="./hub_configs/tinyy")
+
+
+def test_model_path_that_is_a_file(tmp_path, no_model):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    with pytest.raises(InputError, match=r"is a file, not a model directory: give the directory that holds config"):
+        run("sft", tmp_path, model=str(file))
+
+
+def test_model_directory_without_config(tmp_path, no_model):
+    (tmp_path / "empty_model").mkdir()
+    with pytest.raises(InputError, match=r"empty_model' is a directory without config.json"):
+        run("dpo", tmp_path, model=str(tmp_path / "empty_model"))
+
+
+def test_mistyped_judge_path(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--judge_model_name_or_path: no such directory .*judge.*org/name"):
+        run("sft", tmp_path, "--judge_model_name_or_path", str(tmp_path / "no" / "judge"))
+
+
+def test_mistyped_teacher_path(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--teacher_model_name_or_path: no such directory .*teacher.*org/name"):
+        run("codistill", tmp_path, "--teacher_model_name_or_path", str(tmp_path / "no" / "teacher"))
+
+
+def test_mistyped_tokenizer_path(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--tokenizer_name_or_path: no such directory .*tokenizr"):
+        run("pretrain", tmp_path, "--tokenizer_name_or_path", str(tmp_path / "a" / "tokenizr"))
+
+
+def test_cli_prints_the_error_as_one_line_without_a_traceback(tmp_path, capsys):
+    argv = ["--model_name_or_path", str(tmp_path / "x" / "y"), "--output_dir", str(tmp_path / "out"), *FAST]
+    with pytest.raises(SystemExit) as raised:
+        run_recipe(sft.main, RECIPES["sft"][1], argv)
+    assert str(raised.value).startswith("error: --model_name_or_path: no such directory")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task arguments and data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_zero_train_problems(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--train_problems 0: must be at least 1"):
+        run("sft", tmp_path, "--train_problems", "0")
+
+
+def test_negative_heldout_problems(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--heldout_problems -1: must be at least 0"):
+        run("online_rl", tmp_path, "--heldout_problems", "-1")
+
+
+def test_zero_judge_samples(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--judge_samples 0: must be at least 1"):
+        run("sft", tmp_path, "--judge_samples", "0")
+
+
+def test_unknown_synthetic_language(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--languages: the synthetic task has no \['xx'\]; it has"):
+        run("dpo", tmp_path, "--languages", "en", "xx")
+
+
+def test_unknown_synthetic_level(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--levels: the synthetic task has no level \[7\]"):
+        run("sft", tmp_path, "--levels", "1", "7")
+
+
+def test_empty_dataset_directory(tmp_path, no_model):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InputError, match=r"--dataset_name .*data' holds no data files .*put train.jsonl"):
+        run("sft", tmp_path, "--dataset_name", str(tmp_path / "data"))
+
+
+def test_missing_dataset_path(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--dataset_name: no such file or directory .*nope.*Hub dataset id"):
+        run("sft", tmp_path, "--dataset_name", str(tmp_path / "data" / "nope.jsonl"))
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, no_model):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": [], "answer": "1"}\n{"prompt": [}, "answer": "2"}\n')
+    with pytest.raises(InputError, match=r"data.jsonl:2: malformed JSON"):
+        run("sft", tmp_path, "--dataset_name", str(data))
+
+
+def test_malformed_json_file_names_the_line(tmp_path, no_model):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text('[\n  {"prompt": 1},\n  {"prompt": 2,,}\n]\n')
+    with pytest.raises(InputError, match=r"train.json:3: malformed JSON"):
+        run("sft", tmp_path, "--dataset_name", str(tmp_path / "data"))
+
+
+def problems(count: int, completion: bool = True) -> list[dict]:
+    rows = []
+    for i in range(count):
+        row = {"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)}
+        if completion:
+            row["completion"] = [{"role": "assistant", "content": f"\\boxed{{{i + 1}}}"}]
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_a_single_data_file_trains_and_says_how_to_get_a_heldout_split(tmp_path):
+    from recipes.common import task_datasets
+    from recipes.sft import SFTScriptArguments
+
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, problems(4))
+    train, test = task_datasets(SFTScriptArguments(dataset_name=str(data), heldout_problems=0), ("completion",))
+    assert len(train) == 4 and test is None
+    with pytest.raises(InputError, match=r"single file, which holds only a 'train' split.*--heldout_problems 0"):
+        task_datasets(SFTScriptArguments(dataset_name=str(data), heldout_problems=2))
+
+
+def test_jsonl_missing_the_recipe_columns(tmp_path):
+    from recipes.common import task_datasets
+    from recipes.sft import SFTScriptArguments
+
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, problems(3, completion=False))
+    with pytest.raises(InputError, match=r"lacks the columns \['completion'\].*plus `completion` for SFT"):
+        task_datasets(SFTScriptArguments(dataset_name=str(data), heldout_problems=0), ("completion",))
+
+
+def test_directory_without_the_test_split(tmp_path):
+    from recipes.common import task_datasets
+    from recipes.sft import SFTScriptArguments
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", problems(3))
+    with pytest.raises(InputError, match=r"has no 'test' split.*--dataset_test_split"):
+        task_datasets(SFTScriptArguments(dataset_name=str(tmp_path / "data"), heldout_problems=2))
+
+
+def test_empty_data_file(tmp_path):
+    from recipes.common import task_datasets
+    from recipes.sft import SFTScriptArguments
+
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, [{"prompt": "x", "answer": "1"}])
+    data.write_text("")
+    with pytest.raises(InputError, match=r"train.jsonl.*(no rows|holds no data)"):
+        task_datasets(SFTScriptArguments(dataset_name=str(data), heldout_problems=0))
+
+
+def test_pretraining_corpus_without_text(tmp_path, no_model):
+    from recipes.validation import load_task_dataset
+
+    data = tmp_path / "corpus.jsonl"
+    write_jsonl(data, [{"body": "hello"}])
+    with pytest.raises(InputError, match=r"lacks the columns \['text'\].*`text` for pretraining"):
+        load_task_dataset(str(data), "train", ("text",))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config overrides
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_malformed_override_json_names_the_flag(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--model_config_overrides: .* is not a JSON/YAML mapping at line 1"):
+        run("pretrain", tmp_path, "--model_config_overrides", '{"hidden_size": 64,, }')
+
+
+def test_override_that_is_not_a_mapping(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--model_config_overrides: expected a mapping"):
+        run("pretrain", tmp_path, "--model_config_overrides", "[1, 2]")
+
+
+def test_unknown_override_field_is_named_with_the_closest_one(tmp_path):
+    with pytest.raises(InputError, match=r"--model_config_overrides: llama4_text configs have no field 'hiden_size' "
+                       r"\(did you mean 'hidden_size'\?\)"):  # fmt: skip
+        run("pretrain", tmp_path, "--from_scratch", "true", "--model_config_overrides", '{"hiden_size": 32}')
+
+
+def test_cli_overrides_merge_with_the_yaml_ones(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model_config_overrides: {hidden_size: 128, head_dim: 32}\nfrom_scratch: true\n")
+    argv = merge_mapping_flags(["--config", str(config), "--model_config_overrides", '{"head_dim": 16}'])
+    assert json.loads(argv[-1]) == {"hidden_size": 128, "head_dim": 16}
+    script_args, _, _ = parse_recipe_args(
+        RECIPES["pretrain"][1],
+        ["--config", str(config), "--model_config_overrides", "{head_dim: 16}", "--output_dir", str(tmp_path), *FAST],
+    )
+    assert json.loads(script_args.model_config_overrides) == {"hidden_size": 128, "head_dim": 16}
+
+
+def test_merged_overrides_reach_the_model_through_the_config(tmp_path, monkeypatch):
+    from recipes.common import load_model
+    from recipes.pretrain import PretrainScriptArguments
+
+    args = PretrainScriptArguments(from_scratch=True, model_config_overrides={"hidden_size": 32, "head_dim": 8})
+    model = load_model("hub_configs/tiny", args)
+    assert model.config.hidden_size == 32 and model.config.head_dim == 8
+
+
+def test_malformed_yaml_config_names_the_file(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model_config_overrides: {hidden_size: 128\nseed: 0\n")
+    with pytest.raises(InputError, match=r"--config .*recipe.yaml: line \d+ is not valid YAML"):
+        merge_mapping_flags(["--config", str(config), "--model_config_overrides", "{}"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors that came too late
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_invalid_dpo_loss_type_before_any_sampling(tmp_path, no_model, monkeypatch):
+    monkeypatch.setattr(dpo, "cached_samples", lambda *a, **k: pytest.fail("sampled before checking loss_type"))
+    with pytest.raises(InputError, match=r"--loss_type \['sigmod'\]: DPO has no such loss; choose from"):
+        run("dpo", tmp_path, "--loss_type", "sigmod")
+
+
+def test_dpo_loss_types_are_those_trl_computes():
+    import inspect
+
+    from trl import DPOTrainer
+
+    source = inspect.getsource(DPOTrainer)
+    for loss in DPO_LOSS_TYPES:
+        assert f'loss_type == "{loss}"' in source, loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# File modes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_atomic_json_respects_the_umask(tmp_path, umask_022):
+    write_json_atomic(tmp_path / "results.json", {"a": 1})
+    assert mode(tmp_path / "results.json") == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name != "results.json"]  # no temporary left
+
+
+def test_atomic_write_leaves_nothing_when_it_fails(tmp_path):
+    from eval.files import atomic_path
+
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "x.bin") as temporary:
+            temporary.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_teacher_logit_shards_and_metadata_respect_the_umask(tmp_path, umask_022):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+    from recipes.trainers import write_teacher_topk
+
+    teacher = Llama4ForCausalLM(Llama4TextConfig.from_pretrained("hub_configs/tiny"))
+    rows = problems(3)
+    write_teacher_topk(teacher, AutoTokenizer.from_pretrained("hub_configs/tiny"), Dataset.from_list(rows),
+                       tmp_path / "logits", top_k=4, shard_size=2)  # fmt: skip
+    written = sorted(p.name for p in (tmp_path / "logits").iterdir())
+    assert written == ["metadata.json", "shard-00000.safetensors", "shard-00001.safetensors"]  # no temporaries
+    assert all(mode(tmp_path / "logits" / name) == 0o644 for name in written)
+
+
+def test_override_with_a_value_of_the_wrong_type_names_the_flag(tmp_path):
+    with pytest.raises(InputError, match=r"--model_name_or_path 'hub_configs/tiny' with --model_config_overrides "
+                       r"\{'hidden_size': '64'\}: the config is invalid: .*hidden_size"):  # fmt: skip
+        run("pretrain", tmp_path, "--from_scratch", "true", "--model_config_overrides", '{"hidden_size": "64"}')
