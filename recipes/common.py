@@ -58,6 +58,13 @@ class TaskArguments:
         default=False,
         metadata={"help": "Build a freshly initialised model from the config at model_name_or_path (pretraining)."},
     )
+    fp8: bool = field(
+        default=False,
+        metadata={"help": "Train the policy with FP8-rowwise GEMMs in its experts and linear layers (Hopper GPU)."},
+    )
+    fp8_emulate: bool = field(
+        default=False, metadata={"help": "FP8 emulated on any device (numerics checks; slower than bf16)."}
+    )
 
 
 def task_datasets(args: TaskArguments) -> tuple[Dataset, Dataset | None]:
@@ -125,6 +132,10 @@ def model_and_tokenizer(model_args, task_args: TaskArguments, training_args):
     path = model_args.model_name_or_path
     trust_remote_code = getattr(training_args, "trust_remote_code", False)
     model = load_model(path, task_args, dtype=model_args.dtype, trust_remote_code=trust_remote_code)
+    if task_args.fp8 or task_args.fp8_emulate:
+        from .fp8 import convert_model_to_fp8
+
+        convert_model_to_fp8(model, emulate=task_args.fp8_emulate)
     return model, load_tokenizer(task_args.tokenizer_name_or_path or path)
 
 
