@@ -350,13 +350,13 @@ def bench_training(shape, experts, layers, steps, device, dtype, timer, table) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, emulated FP8: checks the code paths")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5 GPU, 2 dry run)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5 GPU, 1 dry run)")
     args = parser.parse_args()
     check_transformers()
     global DRY_RUN
     DRY_RUN = args.dry_run
     if args.dry_run:
-        device, shape, experts, repeats, layers, steps = torch.device("cpu"), CPU_SHAPES, DRY_EXPERTS, 2, 2, 2
+        device, shape, experts, repeats, layers, steps = torch.device("cpu"), CPU_SHAPES, DRY_EXPERTS, 1, 2, 2
         torch.set_num_threads(1)
     else:
         if not torch.cuda.is_available():

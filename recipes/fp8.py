@@ -275,6 +275,12 @@ class _Fp8ExpertsMixin:
         # The parameters themselves stay plain (FSDP2 puts its all-gathered weights in `_parameters` before this
         # runs); the views exist for this call only and are differentiable aliases of them.
         plain = {name: self._parameters[name] for name in self._FP8_WEIGHTS}
+        for name, weight in plain.items():
+            if type(weight) not in (torch.Tensor, nn.Parameter):
+                raise Fp8UnsupportedError(
+                    f"FP8 experts need plain weight tensors in forward; {name} is a {type(weight).__name__} "
+                    "(expert- or tensor-parallel plans shard it as a DTensor). FSDP2 works; EP/TP with FP8 does not yet."
+                )
         try:
             for name, weight in plain.items():
                 self._parameters[name] = weight.as_subclass(self._fp8_weight_class)
