@@ -161,6 +161,30 @@ def test_gpu_path_reaches_torchao_grouped_gemm_with_the_layout_and_padding_it_ne
     assert torch.allclose(out, expected.float(), atol=1e-6) and weight.grad is not None
 
 
+def test_real_conversion_uses_torchao_float8_linear_and_column_major_experts(monkeypatch):
+    # The GPU conversion on CPU: torchao's Float8Linear runs here (torch._scaled_mm has a CPU kernel); the grouped
+    # kernel, CUDA-only, is stood in by the emulation. The loss must match the fully emulated model's.
+    float8_linear = pytest.importorskip("torchao.float8.float8_linear")
+    moe_training = pytest.importorskip("torchao.prototype.moe_training")
+    strides = []
+
+    def stand_in(a, b_t, offs, out_dtype, float8_dtype, pad_token_groups_for_grouped_mm):
+        strides.append(b_t.stride(-2))
+        return fp8._emulated_fp8_grouped_mm(a, b_t, offs).to(out_dtype)
+
+    monkeypatch.setattr(moe_training, "_to_fp8_rowwise_then_scaled_grouped_mm", stand_in)
+    monkeypatch.setattr(fp8, "fp8_unavailable_reason", lambda device=None: None)
+    real = convert_model_to_fp8(_tiny(torch.bfloat16))
+    emulated = convert_model_to_fp8(_tiny(torch.bfloat16), emulate=True)
+    assert type(real.model.layers[0].self_attn.q_proj) is float8_linear.Float8Linear
+    assert real.model.layers[0].feed_forward.experts.down_proj.stride(-2) == 1  # column-major, no copy per step
+    ids = torch.randint(3, 800, (2, 16), generator=torch.Generator().manual_seed(7))
+    losses = [model(ids, labels=ids, use_cache=False).loss for model in (real, emulated)]
+    losses[0].backward()
+    assert strides == [1] * 2 * real.config.num_hidden_layers
+    assert abs(losses[0].item() - losses[1].item()) < 0.01 * losses[1].item(), losses
+
+
 def test_converted_model_runs_every_expert_and_decoder_linear_gemm_in_fp8(monkeypatch):
     model = _tiny()
     names = [name for name, _ in model.named_parameters()]
