@@ -87,8 +87,26 @@ def fp8_per_group_colwise(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_mm_fp32(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch's grouped GEMM in float32: (M, K) x (E, K, N) -> (M, N), or (K, M) x (M, N) -> (E, K, N).
+
+    Where the kernel refuses (float32 on some CUDA builds, strides not a multiple of 16 bytes), one GEMM per
+    group: the emulation may sync with the host."""
     with torch._C.DisableTorchFunctionSubclass():
-        return torch._grouped_mm(a, b, offs=offs)
+        try:
+            return torch._grouped_mm(a, b, offs=offs)
+        except (RuntimeError, NotImplementedError):
+            pass
+        ends = offs.tolist()
+        bounds = list(zip([0, *ends[:-1]], ends))
+        if b.ndim == 3:
+            out = a.new_zeros(a.shape[0], b.shape[-1])
+            for e, (start, end) in enumerate(bounds):
+                out[start:end] = a[start:end] @ b[e]
+            return out
+        out = a.new_zeros(len(ends), a.shape[0], b.shape[1])
+        for e, (start, end) in enumerate(bounds):
+            out[e] = a[:, start:end] @ b[start:end]
+        return out
 
 
 class _EmulatedFp8GroupedMM(torch.autograd.Function):

@@ -140,6 +140,24 @@ def test_padding_token_groups_to_16_changes_no_value_or_gradient():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(padded_grads, grads))
 
 
+def test_emulation_without_torchs_grouped_gemm_kernel_gives_the_same_result(monkeypatch):
+    # Where torch's grouped GEMM refuses float32 (some CUDA builds) the emulation runs one GEMM per group.
+    torch.manual_seed(8)
+    x, w = torch.randn(30, 32, requires_grad=True), torch.randn(3, 32, 48, requires_grad=True)
+    offs, grad_out = torch.tensor([9, 9, 27], dtype=torch.int32), torch.randn(30, 48)
+    results = []
+    for refuse in (False, True):
+        if refuse:
+
+            def refused(*args, **kwargs):
+                raise RuntimeError("grouped GEMM refused")
+
+            monkeypatch.setattr(torch, "_grouped_mm", refused)
+        out = fp8._emulated_fp8_grouped_mm(x, w, offs)
+        results.append((out, *torch.autograd.grad(out, (x, w), grad_out)))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*results))
+
+
 def test_gpu_path_reaches_torchao_grouped_gemm_with_the_layout_and_padding_it_needs(monkeypatch):
     # torchao's kernel needs CUDA; here a stand-in checks what moe.grouped_matmul hands it through the weight view.
     moe_training = pytest.importorskip("torchao.prototype.moe_training")
