@@ -382,8 +382,8 @@ def convert_model_to_fp8(model: nn.Module, emulate: bool = False) -> nn.Module:
 
     emulate=False: the real kernels through torchao, on a CUDA device of compute capability 9.0 (the model must be
     there, ideally in bf16). emulate=True: the same quantization emulated in float32 on any device, without torchao.
-    The router, norms, embeddings and lm_head stay in high precision. Converting before FSDP2's `fully_shard`
-    or after it both work. Returns the model. Raises `Fp8UnsupportedError` naming the problem.
+    The router, norms, embeddings and lm_head stay in high precision. Convert before FSDP2's `fully_shard` (the
+    tested order). Returns the model. Raises `Fp8UnsupportedError` naming the problem.
     """
     experts = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, Llama4TextExperts)]
     linears = [(fqn, m) for fqn, m in model.named_modules() if _decoder_linear(fqn, m)]
