@@ -67,6 +67,13 @@ class TaskArguments:
             "and results); without it such a run is refused rather than resumed."
         },
     )
+    fp8: bool = field(
+        default=False,
+        metadata={"help": "Train the policy with FP8-rowwise GEMMs in its experts and linear layers (Hopper GPU)."},
+    )
+    fp8_emulate: bool = field(
+        default=False, metadata={"help": "FP8 emulated on any device (numerics checks; slower than bf16)."}
+    )
 
 
 def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
@@ -132,6 +139,10 @@ def model_and_tokenizer(model_args, task_args: TaskArguments, training_args):
     path = model_args.model_name_or_path
     trust_remote_code = getattr(training_args, "trust_remote_code", False)
     model = load_model(path, task_args, dtype=model_args.dtype, trust_remote_code=trust_remote_code)
+    if task_args.fp8 or task_args.fp8_emulate:
+        from .fp8 import convert_model_to_fp8
+
+        convert_model_to_fp8(model, emulate=task_args.fp8_emulate)
     if task_args.tokenizer_name_or_path:
         return model, load_tokenizer(task_args.tokenizer_name_or_path)
     return model, load_tokenizer(path, "--model_name_or_path")
