@@ -38,8 +38,10 @@ is invariant to the gradient scale 1/a once eps scales with it; decoupled decay 
 A residual branch is linear in its last matrix (`o_proj`, the shared expert's and every routed expert's
 `down_proj`, the dense MLP's `down_proj`), so its 1/m_L folds into that matrix; the readout's 1/m_d folds into
 `lm_head`. Global-norm gradient clipping sees the folded gradients, so with clipping on the equivalence is
-approximate. The eps column is CompleteP's eps / (m_d m_L^alpha) with those folds applied; weight decay keeps
-lr x wd at the base run's value for every decayed group (CompleteP's wd x m_d, the "independent" decay).
+approximate. The eps column is CompleteP's eps / (m_d m_L^alpha) (eps follows the gradient's scale) with those
+folds applied; an output-like matrix's gradient does not shrink with width, so it keeps the depth factor only.
+Weight decay keeps lr x wd at the base run's value for every decayed group (CompleteP's wd x m_d, the
+"independent" decay).
 
 Expert count: the router score is a sigmoid of the top-k logit (not a softmax over experts) and top-k is fixed,
 so an expert's input and the MoE output do not change scale with E; 2508.09752 reports the learning rate

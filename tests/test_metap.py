@@ -239,3 +239,32 @@ def test_recipe_flags_reach_the_config():
     assert args.model_config_overrides == {"hidden_size": 64, "metap_base_hidden_size": 32}
     with pytest.raises(ValueError, match="without --metap true"):
         with_metap_overrides(PretrainScriptArguments(metap_base_hidden_size=32))
+
+
+def test_folding_a_forward_multiplier_into_the_weight_is_exact_under_adamw():
+    # The docstring's claim behind the depth and readout rules: y = a * W x trained with (lr, eps, wd) equals
+    # W' = a W trained with (a lr, eps / a, wd / a), step for step.
+    a, lr, eps, wd = 0.25, 1e-2, 1e-3, 0.1  # a large eps, so its scaling matters
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    w_folded = torch.nn.Parameter(a * w.detach().clone())
+    opt = torch.optim.AdamW([w], lr=lr, eps=eps, weight_decay=wd)
+    opt_folded = torch.optim.AdamW([w_folded], lr=a * lr, eps=eps / a, weight_decay=wd / a)
+    for step in range(5):
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+        (a * x @ w.T).tanh().pow(2).sum().backward()
+        (x @ w_folded.T).tanh().pow(2).sum().backward()
+        opt.step()
+        opt_folded.step()
+        opt.zero_grad()
+        opt_folded.zero_grad()
+    torch.testing.assert_close(w_folded.detach(), a * w.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_loading_a_metap_checkpoint_keeps_its_weights(tmp_path):
+    model = Llama4ForCausalLM(config_at(64, depth=4))
+    model.save_pretrained(tmp_path)
+    loaded = Llama4ForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.metap_base_hidden_size == 32
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
