@@ -143,7 +143,7 @@ def coordinate_check(widths, vocab, blocks, out: Path, steps: int = 3, lr: float
                     optimizer.step()
                     optimizer.zero_grad()
     names = [f"layer {i} output" for i in range(depth)] + ["logits"]
-    fig, axes = plt.subplots(2, 2, figsize=(8, 6), sharex=True)
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6), sharex=True, sharey="row")
     for col, label in enumerate(("SP", "MetaP")):
         for row, t in enumerate((0, steps)):
             ax = axes[row][col]
@@ -179,7 +179,7 @@ def sweep_plot(name: str, sizes, lrs, table, out: Path, size_label: str) -> None
     finite = [v for v in table.values() if math.isfinite(v)]
     if finite:
         low = min(finite)
-        axes[0].set_ylim(low - 0.05, min(max(finite), low + 2.5))
+        axes[0].set_ylim(low - 0.05, min(max(finite), low + 1.0))
     axes[1].legend(fontsize=8)
     fig.suptitle(f"LR transfer: {name}", fontsize=10)
     fig.tight_layout()
@@ -242,6 +242,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="init and data-order seed of every run")
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--cache", default=None, help="run cache (default: <out>/metap_runs.json)")
     args = parser.parse_args()
@@ -271,11 +272,13 @@ def main() -> None:
         base = dict(width=widths[0], depth=2, experts=4) if label == "MetaP" else None
         if base is not None and (width, depth, experts) == (base["width"], base["depth"], base["experts"]):
             label, base = "SP", None  # MetaP at its base shape is SP exactly (same init draws, same groups)
-        key = f"{label}|w{width}|d{depth}|e{experts}|lr{lr:.6g}|s{args.steps}|b{args.batch}|t{args.seq_len}"
+        key = f"{label}|w{width}|d{depth}|e{experts}|lr{lr:.6g}|s{args.steps}|b{args.batch}|t{args.seq_len}" + (
+            f"|seed{args.seed}" if args.seed else ""
+        )
         if key not in cache:
             t0 = time.time()
             config = model_config(width, depth, experts, base, vocab, args.seq_len)
-            cache[key] = train_run(config, lr, train, heldout, args.steps, args.batch)
+            cache[key] = train_run(config, lr, train, heldout, args.steps, args.batch, seed=args.seed)
             with tempfile.NamedTemporaryFile("w", dir=cache_path.parent, delete=False) as f:
                 json.dump(cache, f, indent=0)
             os.replace(f.name, cache_path)

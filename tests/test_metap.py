@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_text_kwargs
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 from modeling_llama4.metap import RULES, metap_group, metap_param_groups, metap_shape
+
+from conftest import tiny_text_kwargs
 
 SIGMA = 0.02
 # Base shape: hidden 32, expert width 16, dense-MLP width 32, 2 layers, 4 experts. Layers 0 and 2 are MoE, 1 and 3
@@ -139,14 +140,45 @@ def test_names_survive_wrapping():
     compiled = torch.compile(model)  # parameters named `_orig_mod.*`; nothing is compiled until called
     assert [(g["metap_group"], g["lr"], len(g["params"])) for g in metap_param_groups(compiled, 1e-3)] == plain
 
-    class Wrapper(torch.nn.Module):  # DDP's and accelerate's naming: `module.*`
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
     assert [(g["metap_group"], g["lr"], len(g["params"])) for g in metap_param_groups(Wrapper(model), 1e-3)] == plain
 
 
+def test_names_survive_ddp_and_fsdp2(tmp_path):
+    # Real wrappers on a one-process gloo group: DDP prefixes `module.`, FSDP2 keeps names but swaps in DTensors.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Llama4ForCausalLM(config_at(64))
+        plain = [(g["metap_group"], g["lr"], len(g["params"])) for g in metap_param_groups(model, 1e-3)]
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        assert [(g["metap_group"], g["lr"], len(g["params"])) for g in metap_param_groups(ddp, 1e-3)] == plain
+
+        sharded = Llama4ForCausalLM(config_at(64))
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in sharded.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        groups = metap_param_groups(sharded, 1e-3)
+        assert [(g["metap_group"], g["lr"], len(g["params"])) for g in groups] == plain
+        optimizer = torch.optim.AdamW(groups)
+        ids = torch.randint(3, 96, (2, 8))
+        sharded(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()  # the groups hold the sharded parameters themselves
+    finally:
+        dist.destroy_process_group()
+
+
+class Wrapper(torch.nn.Module):  # DDP's and accelerate's naming without a process group: `module.*`
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+@pytest.mark.slow
 def test_trainer_mixin_survives_accelerate_and_resume(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
