@@ -281,6 +281,7 @@ def main() -> None:
             cache[key] = train_run(config, lr, train, heldout, args.steps, args.batch, seed=args.seed)
             with tempfile.NamedTemporaryFile("w", dir=cache_path.parent, delete=False) as f:
                 json.dump(cache, f, indent=0)
+            os.chmod(f.name, 0o644)
             os.replace(f.name, cache_path)
             print(f"  {key}: {cache[key]:.4f} ({time.time() - t0:.1f} s)", flush=True)
         return cache[key]
