@@ -2,6 +2,8 @@
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .hub import model_card, push_to_hub, register_auto_classes
+from .metap import RULES as METAP_RULES
+from .metap import metap_group, metap_param_groups, metap_shape
 from .modeling_llama4 import (
     Llama4ForCausalLM,
     Llama4ForConditionalGeneration,
@@ -30,6 +32,10 @@ __all__ = [
     "push_to_hub",
     "register_auto_classes",
     "ParameterCounts",
+    "METAP_RULES",
+    "metap_group",
+    "metap_param_groups",
+    "metap_shape",
 ]
 
 # save_pretrained / push_to_hub write `auto_map` and ship the modeling files (trust_remote_code pulls).

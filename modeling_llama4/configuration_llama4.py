@@ -48,6 +48,14 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
         "layers.*.feed_forward.experts": "ep_dispatch_experts",
     }
 
+    # MetaP (modeling_llama4/metap.py): the base shape the learning rate was tuned at. Off (None) by default; set
+    # all four (and optionally the dense-MLP width) to turn it on. Saved in config.json like any field.
+    metap_base_hidden_size: int | None = None
+    metap_base_num_hidden_layers: int | None = None
+    metap_base_intermediate_size: int | None = None
+    metap_base_num_local_experts: int | None = None
+    metap_base_intermediate_size_mlp: int | None = None
+
     def __init__(self, **kwargs: Any) -> None:
         tuning = kwargs.get("attn_temperature_tuning")
         if isinstance(tuning, int) and not isinstance(tuning, bool):

@@ -35,6 +35,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
+from .metap import metap_enabled, metap_init_module, metap_param_groups  # noqa: F401 (public re-export)
 from .moe import (
     Llama4Router,
     Llama4TextExperts,
@@ -335,6 +336,8 @@ class Llama4PreTrainedModel(PreTrainedModel):
         elif isinstance(module, Llama4VisionModel):
             init.normal_(module.class_embedding, std=module.scale)
             init.normal_(module.positional_embedding_vlm, std=module.scale)
+        if metap_enabled(self.config):
+            metap_init_module(self, module)  # MetaP init scales (rules in metap.py); base shape: unchanged
 
 
 class Llama4TextModel(Llama4PreTrainedModel):

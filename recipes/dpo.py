@@ -27,13 +27,14 @@ from recipes.common import (
     task_datasets,
     train_resumably,
 )
+from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.preferences import preference_pairs, total_reward
 from recipes.sampling import cached_samples
 from recipes.validation import run_recipe
 
 
 @dataclass
-class DPOScriptArguments(TaskArguments):
+class DPOScriptArguments(MetaPArguments, TaskArguments):
     pair_samples: int = field(default=4, metadata={"help": "Policy samples per prompt to build pairs from."})
     pair_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for the pair samples."})
     pair_max_new_tokens: int = field(default=48, metadata={"help": "Generation budget per sampled answer."})
@@ -44,6 +45,7 @@ class DPOScriptArguments(TaskArguments):
 
 
 def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict[str, Any]:
+    with_metap_overrides(script_args)
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     train, heldout = task_datasets(script_args)
     output_dir = Path(training_args.output_dir)
@@ -66,7 +68,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     # TRL would rebuild the reference from the checkpoint path with transformers' built-in class (see tests):
     # hand it a frozen copy of our starting policy instead (not needed with PEFT: adapters off is the reference).
     ref_model = None if peft_config is not None else copy.deepcopy(model).eval().requires_grad_(False)
-    trainer = DPOTrainer(
+    trainer = metap_trainer(DPOTrainer, script_args.metap)(
         model=model,
         ref_model=ref_model,
         args=training_args,

@@ -25,12 +25,13 @@ from recipes.common import (
     task_datasets,
     train_resumably,
 )
+from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.rl import OnlineRLConfig, OnlineRLTrainer
 from recipes.validation import run_recipe
 
 
 @dataclass
-class OnlineRLScriptArguments(TaskArguments):
+class OnlineRLScriptArguments(MetaPArguments, TaskArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy_reward", "format_reward"],
         metadata={"help": f"Reward functions: {sorted(REWARD_FUNCTIONS)} or dotted import paths."},
@@ -41,11 +42,12 @@ def main(
     script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
     rewards = [reward_function(name) for name in script_args.reward_funcs]
+    with_metap_overrides(script_args)
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     tokenizer.padding_side = "left"
     train, heldout = task_datasets(script_args)
     defer_hub_push(training_args)
-    trainer = OnlineRLTrainer(
+    trainer = metap_trainer(OnlineRLTrainer, script_args.metap)(
         model=model,
         reward_funcs=rewards,
         args=training_args,

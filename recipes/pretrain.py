@@ -29,12 +29,13 @@ from recipes.common import (
     task_datasets,
     train_resumably,
 )
+from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.synthetic import pretraining_corpus
 from recipes.validation import load_task_dataset, run_recipe
 
 
 @dataclass
-class PretrainScriptArguments(TaskArguments):
+class PretrainScriptArguments(MetaPArguments, TaskArguments):
     corpus_documents: int = field(default=12800, metadata={"help": "Synthetic corpus size (documents)."})
     corpus_levels: list[int] = field(
         default_factory=lambda: [1, 2], metadata={"help": "Difficulty levels the synthetic corpus covers."}
@@ -46,6 +47,7 @@ class PretrainScriptArguments(TaskArguments):
 
 
 def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
+    with_metap_overrides(script_args)
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     if script_args.dataset_name:
         corpus = load_task_dataset(
@@ -72,7 +74,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         batched=True, remove_columns=corpus.column_names, desc="tokenizing",
     )  # fmt: skip
     defer_hub_push(training_args)
-    trainer = Trainer(
+    trainer = metap_trainer(Trainer, script_args.metap)(
         model=model,
         args=training_args,
         train_dataset=corpus,

@@ -29,12 +29,13 @@ from recipes.common import (
     train_resumably,
 )
 from recipes.judge import filter_hard, pass_rates
+from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.sampling import cached_samples
 from recipes.validation import run_recipe
 
 
 @dataclass
-class SFTScriptArguments(TaskArguments):
+class SFTScriptArguments(MetaPArguments, TaskArguments):
     judge_model_name_or_path: str | None = field(
         default=None, metadata={"help": "The judge model; empty: the policy being fine-tuned."}
     )
@@ -47,6 +48,7 @@ class SFTScriptArguments(TaskArguments):
 
 
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
+    with_metap_overrides(script_args)
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     train, heldout = task_datasets(script_args, ("completion",))
     output_dir = Path(training_args.output_dir)
@@ -76,7 +78,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         report = {"total": len(train), "kept": len(train), "kept_fraction": 1.0}
 
     defer_hub_push(training_args)
-    trainer = SFTTrainer(
+    trainer = metap_trainer(SFTTrainer, script_args.metap)(
         model=model,
         args=training_args,
         train_dataset=train.select_columns(["prompt", "completion"]),
