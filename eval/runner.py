@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .generation import generate_completions
-from .grading import aggregate_scores
+from .grading import aggregate_scores, macro_scores
 from .tasks import TASKS, DataSource, DataUnavailableError, Example, Task, get_task
 
 __all__ = ["SampleCache", "build_parser", "evaluate_task", "load_examples", "load_model", "main"]
@@ -180,6 +180,8 @@ def evaluate_task(
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
     scores = aggregate_scores(correct, answer_keys, ks)
+    if task.macro_average:
+        scores.update(macro_scores(correct, answer_keys, [example.subset for example in examples], ks))
     scores["num_examples"] = len(examples)
     scores["num_samples"] = num_samples
     scores["generated"] = len(todo)
@@ -250,10 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot chain-of-thought evaluation in the model's chat format: "
         + ", ".join(TASKS)
         + ". Per-example outputs are cached in OUTPUT_DIR/cache, so an interrupted run resumes where it stopped.",
-        epilog=(
-            "--data_dir layout (original formats): math500/test.jsonl; gpqa/gpqa_diamond.csv or gpqa/dataset.zip; "
-            "mgsm/mgsm_<lang>.tsv; global_mmlu/<lang>.parquet|.jsonl|.csv. Without it, data comes from the Hub."
-        ),
+        epilog="--data_dir layout (original formats): "
+        + "; ".join(dict.fromkeys(task.layout for task in TASKS.values() if task.layout))
+        + ". Without it, data comes from the Hub.",
     )
     parser.add_argument("--model", required=True, help="local directory or Hub id of a causal LM")
     parser.add_argument("--tasks", default="math500,gpqa_diamond,mgsm", help=f"comma-separated: {', '.join(TASKS)}")
@@ -263,11 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_samples", type=int, default=1, help="samples per question (pass@k, maj@k)")
     parser.add_argument("--temperature", type=float, help="default: 0 (greedy) for 1 sample, 0.6 for several")
     parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, help="default: per task (4096 MATH/GPQA, 1024 MGSM)")
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        help="default: per task (" + ", ".join(f"{task.name} {task.max_new_tokens}" for task in TASKS.values()) + ")",
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per generate call")
     parser.add_argument("--seed", type=int, default=0, help="sampling and GPQA choice-shuffling seed")
     parser.add_argument("--k", default=None, help="comma-separated k for pass@k / maj@k (default: 1,2,4,... up to n)")
-    parser.add_argument("--languages", help="comma-separated languages for mgsm / global_mmlu")
+    parser.add_argument("--languages", help="comma-separated languages for mgsm / global_mmlu / synthetic")
     parser.add_argument("--gpqa_password", default=None, help="password of the GPQA dataset.zip (default: public one)")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
