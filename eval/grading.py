@@ -517,9 +517,9 @@ def _bbh_choice(span: str, question: str | None) -> str | None:
     options = _bbh_options(question or "")
     span = re.sub(r"^(?:option|choice)\s+", "", span, flags=re.IGNORECASE)
     # "(B)", "(B) Patrick", "B)", "B.", "B: ...", "B" alone; not "A cat" (an article, not a letter).
-    letter = re.match(r"^[\[(]([A-Z])[\])](?!\w)|^([A-Z])(?:[).:,](?!\w)|$)", span)
+    letter = re.match(r"^[\[(]([A-Za-z])[\])](?!\w)|^([A-Z])(?:[).:,](?!\w)|$)", span)
     if letter:
-        found = letter.group(1) or letter.group(2)
+        found = (letter.group(1) or letter.group(2)).upper()
         return f"({found})" if not options or found in options else None
     # The option's text instead of its letter: accepted only when it names exactly one option.
     text = _normalise_words(span)

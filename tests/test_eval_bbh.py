@@ -24,7 +24,7 @@ CASES = [
         "(B)",
         OPTIONS,
         ["So the answer is (B).", "So the answer is B.", "the answer is (B) green marble", "Answer: green marble",
-         "**Answer:** (B)", "The final answer is $\\boxed{B}$.", "The answer is: **B**",
+         "**Answer:** (B)", "So the answer is (b).", "The final answer is $\\boxed{B}$.", "The answer is: **B**",
          "(A) is out, so the answer is not (A). So the answer is (B)."],
         ["So the answer is (A).", "So the answer is C.", "So the answer is (D).", "Answer: red marble",
          "So the answer is (B). Wait, no: the answer is (C).", "I think it is green.", "So the answer is A cat."],

@@ -17,7 +17,7 @@ def metrics():
 
 def test_metric_scripts_share_the_one_grading_module():
     # The symlinks are what evaluate copies next to each script; a copy would drift from eval/grading.py.
-    for name in ("math_accuracy", "gpqa_accuracy", "mgsm_accuracy"):
+    for name in ("math_accuracy", "gpqa_accuracy", "mgsm_accuracy", "bbh_accuracy"):
         link = METRICS / name / "grading.py"
         assert link.is_symlink() and link.resolve() == (METRICS.parent / "grading.py").resolve()
 
