@@ -134,7 +134,8 @@ def replace_boxed(solution: str, answer: str) -> str:
 
 
 def _answer_form(answer: str) -> str:
-    form = answer
+    # "x=5" is the same answer as "5": drop a leading variable assignment.
+    form = re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", answer)
     for old in ("\\left", "\\right", "\\dfrac", "\\tfrac", "\\!", "\\,", " ", "$", "^\\circ", "^{\\circ}"):
         form = form.replace(old, "\\frac" if old in ("\\dfrac", "\\tfrac") else "")
     try:

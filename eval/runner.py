@@ -224,7 +224,9 @@ def write_plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 1 + len(with_subsets), figsize=(4 + 5 * len(with_subsets), 3.5), squeeze=False)
     ax = axes[0][0]
     names = list(tasks)
-    ax.bar(names, [100 * tasks[n]["accuracy"] for n in names], color="tab:blue")
+    # A macro-averaged task (BBH) shows its headline number, the mean over its sub-tasks.
+    labels = [f"{n} (macro)" if "macro_accuracy" in tasks[n] else n for n in names]
+    ax.bar(labels, [100 * tasks[n].get("macro_accuracy", tasks[n]["accuracy"]) for n in names], color="tab:blue")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("pass@1" if all(t["num_samples"] == 1 for t in tasks.values()) else "pass@1 (mean over samples)")
