@@ -251,7 +251,7 @@ def write_plot(results: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval",
-        description="Zero-shot chain-of-thought evaluation in the model's chat format: "
+        description="Chain-of-thought evaluation in the model's chat format: "
         + ", ".join(TASKS)
         + ". Per-example outputs are cached in OUTPUT_DIR/cache, so an interrupted run resumes where it stopped.",
         epilog="--data_dir layout (original formats): "

@@ -1,5 +1,6 @@
-"""Benchmark definitions. A task is data: where its rows come from, how a row becomes a zero-shot chain-of-thought
-chat prompt, and how an output is graded. The runner (`eval/runner.py`) is generic over tasks.
+"""Benchmark definitions. A task is data: where its rows come from, how a row becomes a chat prompt (zero-shot
+chain of thought; BBH also with its standard 3-shot prompts), and how an output is graded. The runner
+(`eval/runner.py`) is generic over tasks.
 
 Sources: the Hugging Face Hub by default, or `--data_dir` with offline copies in the original formats:
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from .grading import (
     BBH_TASKS,
     MGSM_LANGUAGES,
-    bbh_answer_correct,
+    bbh_gold_key,
     extract_bbh_answer,
     extract_choice_letter,
     extract_number,
@@ -514,10 +515,8 @@ def _bbh_loader(shots: int) -> Callable[[DataSource], list[Example]]:
 
 
 def _grade_bbh(output: str, example: Example) -> tuple[bool, Hashable | None]:
-    question = example.meta.get("input")
-    return bbh_answer_correct(output, example.gold, example.subset, question), extract_bbh_answer(
-        output, example.subset, question
-    )
+    answer = extract_bbh_answer(output, example.subset, example.meta.get("input"))
+    return answer is not None and answer == bbh_gold_key(example.gold, example.subset), answer
 
 
 # ---------------------------------------------------------------------------------------------------------------
