@@ -7,6 +7,8 @@ from pathlib import Path
 
 import evaluate
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eval.grading import BBH_TASKS, bbh_answer_correct, bbh_gold_key, extract_bbh_answer, macro_scores
 from eval.tasks import DataSource, DataUnavailableError, bbh_cot_prompt, get_task, read_bbh_json
@@ -224,3 +226,20 @@ def test_metric_module():
     }
     with pytest.raises(ValueError, match="unknown BBH tasks"):
         metric.compute(predictions=["x"], references=["(A)"], tasks="bbh_nope")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-(10**7), 10**7), st.integers(-(10**7), 10**7), st.booleans())
+def test_numbers_match_exactly_when_equal(stated, gold, grouped):
+    text = f"Let's think step by step.\n12 * 3 = 36.\nSo the answer is {stated:,}." if grouped else f"{stated}"
+    assert bbh_answer_correct(text, str(gold), "multistep_arithmetic_two") == (stated == gold)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 18), st.data())
+def test_letters_match_exactly_when_equal(count, data):
+    letters = "ABCDEFGHIJKLMNOPQR"[:count]
+    gold, stated = data.draw(st.sampled_from(letters)), data.draw(st.sampled_from(letters))
+    question = "Which?\nOptions:\n" + "\n".join(f"({x}) thing {x.lower()}" for x in letters)
+    text = f"Option ({gold if gold != stated else letters[0]}) is tempting.\nSo the answer is ({stated})."
+    assert bbh_answer_correct(text, f"({gold})", SHUFFLE, question) == (stated == gold)
