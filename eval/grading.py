@@ -17,12 +17,17 @@ from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 __all__ = [
+    "BBH_TASKS",
     "MGSM_LANGUAGES",
     "aggregate_scores",
+    "bbh_answer_correct",
+    "bbh_gold_key",
+    "extract_bbh_answer",
     "extract_boxed",
     "extract_choice_letter",
     "extract_math_answer",
     "extract_number",
+    "macro_scores",
     "majority_index",
     "math_answer_correct",
     "math_answer_key",
@@ -432,6 +437,190 @@ def extract_choice_letter(text: str, letters: str = "ABCD") -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# BIG-Bench Hard: one extractor per answer family
+# ---------------------------------------------------------------------------------------------------------------
+
+_BBH_CHOICE = (
+    "date_understanding disambiguation_qa geometric_shapes hyperbaton logical_deduction_five_objects "
+    "logical_deduction_seven_objects logical_deduction_three_objects movie_recommendation penguins_in_a_table "
+    "reasoning_about_colored_objects ruin_names salient_translation_error_detection snarks temporal_sequences "
+    "tracking_shuffled_objects_five_objects tracking_shuffled_objects_seven_objects "
+    "tracking_shuffled_objects_three_objects"
+).split()
+# The words each two-way task's gold uses, then synonyms a model may answer with instead.
+_BBH_BINARY: dict[str, dict[str, str]] = {
+    "boolean_expressions": {"true": "true", "false": "false"},
+    "causal_judgement": {"yes": "yes", "no": "no"},
+    "formal_fallacies": {"valid": "valid", "invalid": "invalid"},
+    "navigate": {"yes": "yes", "no": "no"},
+    "sports_understanding": {"yes": "yes", "no": "no", "plausible": "yes", "implausible": "no"},
+    "web_of_lies": {"yes": "yes", "no": "no"},
+}
+# "not valid" is "invalid", "not plausible" is "no"; a negated word that has no opposite in the task is left alone.
+_BBH_NEGATION = {"valid": "invalid", "plausible": "no", "true": "false"}
+BBH_TASKS: dict[str, str] = {
+    **{name: "choice" for name in _BBH_CHOICE},
+    **{name: "binary" for name in _BBH_BINARY},
+    "multistep_arithmetic_two": "numeric",
+    "object_counting": "numeric",
+    "dyck_languages": "dyck",
+    "word_sorting": "words",
+}
+BBH_TASKS = dict(sorted(BBH_TASKS.items()))
+
+_BBH_ANSWER_RE = re.compile(r"(?:the\s+)?(?:final\s+|correct\s+|best\s+)?answer\s*(?:is\b|:)\s*:?", re.IGNORECASE)
+_BBH_OPTION_RE = re.compile(r"^\(([A-Z])\)\s*(.+?)\s*$", re.MULTILINE)
+_BRACKETS = "()[]{}<>"
+_NUMBER_WORDS = {
+    word: value
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split()
+    )
+}
+
+
+def _bbh_span(text: str) -> str | None:
+    """What a BBH output gives as its answer: the rest of the line after the last "the answer is" / "Answer:"
+    (the next lines up to a blank one when the prefix ends its line), or the last `\\boxed{}` when that comes later;
+    a one-line output without either is taken whole. Markdown emphasis, quotes and a final period are dropped."""
+    matches = list(_BBH_ANSWER_RE.finditer(text))
+    boxes = list(_BOXED_RE.finditer(text))
+    if boxes and (not matches or boxes[-1].start() > matches[-1].start()):
+        span = extract_boxed(text)
+        if span is not None:
+            span = re.sub(r"^\\text(?:bf)?\{(.*)\}$", r"\1", span.strip())
+            return span.strip() or None
+    if matches:
+        rest = text[matches[-1].end() :].lstrip(" \t*:")
+        if rest.startswith("\n"):
+            rest = rest.strip("\n").split("\n\n")[0].replace("\n", " ")
+        span = rest.split("\n")[0]
+    elif "\n" not in text.strip():
+        span = text
+    else:
+        return None
+    span = span.strip().strip("*`$\"'“”").strip()
+    span = re.sub(r"(?<![.])\.$", "", span).strip().strip("*`$\"'“”").strip()
+    return span or None
+
+
+def _normalise_words(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s&'-]", " ", text.lower()).split())
+
+
+def _bbh_options(question: str) -> dict[str, str]:
+    return {letter: _normalise_words(option) for letter, option in _BBH_OPTION_RE.findall(question or "")}
+
+
+def _bbh_choice(span: str, question: str | None) -> str | None:
+    options = _bbh_options(question or "")
+    span = re.sub(r"^(?:option|choice)\s+", "", span, flags=re.IGNORECASE)
+    # "(B)", "(B) Patrick", "B)", "B.", "B: ...", "B" alone; not "A cat" (an article, not a letter).
+    letter = re.match(r"^[\[(]([A-Za-z])[\])](?!\w)|^([A-Z])(?:[).:,](?!\w)|$)", span)
+    if letter:
+        found = (letter.group(1) or letter.group(2)).upper()
+        return f"({found})" if not options or found in options else None
+    # The option's text instead of its letter: accepted only when it names exactly one option.
+    text = _normalise_words(span)
+    named = [letter for letter, option in options.items() if option == text]
+    return f"({named[0]})" if len(named) == 1 else (text or None)
+
+
+def _bbh_binary(span: str, task: str) -> str | None:
+    vocabulary = _BBH_BINARY[task]
+    words = _normalise_words(span)
+    found = []
+    for negated in re.findall(r"\bnot\s+(\w+)", words):
+        if negated in _BBH_NEGATION and _BBH_NEGATION[negated] in vocabulary.values():
+            found.append(_BBH_NEGATION[negated])
+    words = re.sub(r"\bnot\s+\w+", " ", words)
+    found += [vocabulary[word] for word in words.split() if word in vocabulary]
+    # "Yes and no", "True or False": two different verdicts are no answer.
+    return found[0] if found and len(set(found)) == 1 else None
+
+
+def _bbh_number(span: str) -> float | None:
+    after_equals = _ascii_digits(span).rsplit("=", 1)[-1]
+    values = _numbers(after_equals, None)
+    if values:
+        return values[0]
+    word = re.match(r"^\s*([a-z]+)\b", after_equals.lower())
+    return float(_NUMBER_WORDS[word.group(1)]) if word and word.group(1) in _NUMBER_WORDS else None
+
+
+def _number_key(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _bbh_words(span: str) -> str:
+    tokens = [token.strip('.`"*[]()“”').lower() for token in re.split(r"[\s,;]+", span)]
+    return " ".join(token for token in tokens if token and not re.fullmatch(r"\d+[.)]?", token))
+
+
+def extract_bbh_answer(text: str, task: str, question: str | None = None) -> str | None:
+    """The answer of a BIG-Bench Hard output in a canonical form comparable with the gold target; None when the
+    output states none. `question` (the task input) lets the option-letter tasks accept an option's text, and
+    `dyck_languages` accept the whole completed sequence, as well as the canonical answer.
+
+    Per family: option letters as "(B)" (from "(B)", "B", "B)", "(B) Patrick" or the text "Patrick"); two-way
+    verdicts as the gold's word ("True", "yes", "valid"; "plausible" / "not valid" too, never two verdicts at
+    once); numbers as their value (`-11,520`, "eight"); `dyck_languages` as its closing brackets without spaces;
+    `word_sorting` as the lower-cased words separated by single spaces (commas, line breaks and list numbers
+    dropped).
+    """
+    if not isinstance(text, str) or not text.strip() or task not in BBH_TASKS:
+        return None
+    span = _bbh_span(text)
+    if span is None:
+        return None
+    family = BBH_TASKS[task]
+    if family == "choice":
+        return _bbh_choice(span, question)
+    if family == "binary":
+        return _bbh_binary(span, task)
+    if family == "numeric":
+        return _number_key(_bbh_number(span))
+    if family == "dyck":
+        closing = "".join(ch for ch in span if ch in _BRACKETS)
+        prefix = re.search(r"Input:\s*(.+)", question or "")
+        opened = "".join(ch for ch in prefix.group(1) if ch in _BRACKETS) if prefix else ""
+        # The whole completed sequence is the same answer as its closing part.
+        if opened and closing.startswith(opened) and len(closing) > len(opened):
+            closing = closing[len(opened) :]
+        return closing or None
+    return _bbh_words(span) or None
+
+
+def bbh_gold_key(gold: str, task: str) -> str | None:
+    """The canonical form of a BBH target (what `extract_bbh_answer` returns for a correct output)."""
+    family = BBH_TASKS.get(task)
+    if family is None:
+        raise ValueError(f"unknown BBH task {task!r}; the 27 are: {', '.join(BBH_TASKS)}")
+    gold = gold.strip()
+    if family == "choice":
+        letter = re.fullmatch(r"\(([A-Z])\)", gold)
+        # A few targets are an option's text rather than its letter (options split at commas in the source).
+        return f"({letter.group(1)})" if letter else _normalise_words(gold)
+    if family == "binary":
+        return _BBH_BINARY[task].get(gold.lower())
+    if family == "numeric":
+        return _number_key(_bbh_number(gold))
+    if family == "dyck":
+        return "".join(ch for ch in gold if ch in _BRACKETS)
+    return _bbh_words(gold)
+
+
+def bbh_answer_correct(text: str, gold: str, task: str, question: str | None = None) -> bool:
+    """Exact match of a BBH output's extracted answer with the target, after the normalisation of
+    `extract_bbh_answer` (so "So the answer is B." matches "(B)", and "(C)" never does)."""
+    answer = extract_bbh_answer(text, task, question)
+    return answer is not None and answer == bbh_gold_key(gold, task)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Several samples per question: pass@k and maj@k
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -483,6 +672,28 @@ def aggregate_scores(
                 hits += bool(index is not None and row_correct[index])
             scores[f"maj@{k}"] = hits / len(correct)
     return scores
+
+
+def macro_scores(
+    correct: Sequence[Sequence[bool]],
+    keys: Sequence[Sequence[Hashable | None]] | None,
+    subsets: Sequence[Hashable],
+    ks: Iterable[int] = (),
+) -> dict[str, float]:
+    """`aggregate_scores` per subset, averaged with equal weight per subset (BIG-Bench Hard's headline number, which
+    weighs a 146-question task like a 250-question one): `macro_accuracy`, `macro_pass@k`, `macro_maj@k`."""
+    rows: dict[Hashable, list[int]] = {}
+    for index, subset in enumerate(subsets):
+        rows.setdefault(subset, []).append(index)
+    ks = list(ks)
+    per_subset = [
+        aggregate_scores([correct[i] for i in indices], None if keys is None else [keys[i] for i in indices], ks)
+        for indices in rows.values()
+    ]
+    if not per_subset:
+        return {"macro_accuracy": 0.0}
+    names = [name for name in per_subset[0] if all(name in scores for scores in per_subset)]
+    return {f"macro_{name}": sum(scores[name] for scores in per_subset) / len(per_subset) for name in names}
 
 
 def math_answer_key(text: str) -> str | None:

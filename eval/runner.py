@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .files import atomic_path, write_json_atomic, write_text_atomic
 from .generation import generate_completions
-from .grading import aggregate_scores
+from .grading import aggregate_scores, macro_scores
 from .loading import InputError, load_causal_lm, load_tokenizer, torch_dtype
 from .tasks import TASKS, DataSource, DataUnavailableError, Example, Task, get_task
 
@@ -182,6 +182,8 @@ def evaluate_task(
     write_text_atomic(output_dir / "samples" / f"{task.name}.jsonl", "".join(lines))
 
     scores = aggregate_scores(correct, answer_keys, ks)
+    if task.macro_average:
+        scores.update(macro_scores(correct, answer_keys, [example.subset for example in examples], ks))
     scores["num_examples"] = len(examples)
     scores["num_samples"] = num_samples
     scores["generated"] = len(todo)
@@ -224,7 +226,9 @@ def write_plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 1 + len(with_subsets), figsize=(4 + 5 * len(with_subsets), 3.5), squeeze=False)
     ax = axes[0][0]
     names = list(tasks)
-    ax.bar(names, [100 * tasks[n]["accuracy"] for n in names], color="tab:blue")
+    # A macro-averaged task (BBH) shows its headline number, the mean over its sub-tasks.
+    labels = [f"{n} (macro)" if "macro_accuracy" in tasks[n] else n for n in names]
+    ax.bar(labels, [100 * tasks[n].get("macro_accuracy", tasks[n]["accuracy"]) for n in names], color="tab:blue")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("pass@1" if all(t["num_samples"] == 1 for t in tasks.values()) else "pass@1 (mean over samples)")
@@ -282,13 +286,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval",
-        description="Zero-shot chain-of-thought evaluation in the model's chat format: "
+        description="Chain-of-thought evaluation in the model's chat format: "
         + ", ".join(TASKS)
         + ". Per-example outputs are cached in OUTPUT_DIR/cache, so an interrupted run resumes where it stopped.",
-        epilog=(
-            "--data_dir layout (original formats): math500/test.jsonl; gpqa/gpqa_diamond.csv or gpqa/dataset.zip; "
-            "mgsm/mgsm_<lang>.tsv; global_mmlu/<lang>.parquet|.jsonl|.csv. Without it, data comes from the Hub."
-        ),
+        epilog="--data_dir layout (original formats): "
+        + "; ".join(dict.fromkeys(task.layout for task in TASKS.values() if task.layout))
+        + ". Without it, data comes from the Hub.",
     )
     parser.add_argument("--model", required=True, help="local directory or Hub id of a causal LM")
     parser.add_argument("--tasks", default="math500,gpqa_diamond,mgsm", help=f"comma-separated: {', '.join(TASKS)}")
@@ -300,11 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_samples", type=positive_int, default=1, help="samples per question (pass@k, maj@k)")
     parser.add_argument("--temperature", type=float, help="default: 0 (greedy) for 1 sample, 0.6 for several")
     parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=positive_int, help="default: per task (4096 MATH/GPQA, 1024 MGSM)")
+    parser.add_argument(
+        "--max_new_tokens",
+        type=positive_int,
+        help="default: per task (" + ", ".join(f"{task.name} {task.max_new_tokens}" for task in TASKS.values()) + ")",
+    )
     parser.add_argument("--batch_size", type=positive_int, default=16, help="sequences per generate call")
     parser.add_argument("--seed", type=int, default=0, help="sampling and GPQA choice-shuffling seed")
     parser.add_argument("--k", default=None, help="comma-separated k for pass@k / maj@k (default: 1,2,4,... up to n)")
-    parser.add_argument("--languages", help="comma-separated languages for mgsm / global_mmlu")
+    parser.add_argument("--languages", help="comma-separated languages for mgsm / global_mmlu / synthetic")
     parser.add_argument("--gpqa_password", default=None, help="password of the GPQA dataset.zip (default: public one)")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

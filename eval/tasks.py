@@ -1,5 +1,6 @@
-"""Benchmark definitions. A task is data: where its rows come from, how a row becomes a zero-shot chain-of-thought
-chat prompt, and how an output is graded. The runner (`eval/runner.py`) is generic over tasks.
+"""Benchmark definitions. A task is data: where its rows come from, how a row becomes a chat prompt (zero-shot
+chain of thought; BBH also with its standard 3-shot prompts), and how an output is graded. The runner
+(`eval/runner.py`) is generic over tasks.
 
 Sources: the Hugging Face Hub by default, or `--data_dir` with offline copies in the original formats:
 
@@ -9,6 +10,11 @@ Sources: the Hugging Face Hub by default, or `--data_dir` with offline copies in
     DATA_DIR/mgsm/mgsm_<lang>.tsv             MGSM: question<TAB>answer, no header, one file per language
     DATA_DIR/global_mmlu/<lang>.{parquet,jsonl,csv}   Global-MMLU test split (question, option_a..option_d,
                                               answer), or OpenAI MMMLU's columns (Question, A..D, Answer)
+    DATA_DIR/bbh/<task>.json                  BIG-Bench Hard as in its repository: {"examples": [{"input",
+                                              "target"}, ...]}, one file per task (Hub: lukaemon/bbh)
+
+Adding a benchmark is one `Task(...)` passed to `register_task` (plus a metric module in eval/metrics/ when it
+needs a new grader); the runner, the cache, results.json/.md and the plot pick it up from the registry.
 """
 
 from __future__ import annotations
@@ -18,13 +24,18 @@ import hashlib
 import io
 import json
 import random
+import re
+import warnings
 import zipfile
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .grading import (
+    BBH_TASKS,
     MGSM_LANGUAGES,
+    bbh_gold_key,
+    extract_bbh_answer,
     extract_choice_letter,
     extract_number,
     math_answer_correct,
@@ -32,7 +43,17 @@ from .grading import (
     numbers_equal,
 )
 
-__all__ = ["TASKS", "DataSource", "DataUnavailableError", "Example", "Task", "get_task"]
+__all__ = [
+    "TASKS",
+    "DataSource",
+    "DataUnavailableError",
+    "Example",
+    "Task",
+    "chat_examples",
+    "get_task",
+    "read_bbh_json",
+    "register_task",
+]
 
 # Published in the GPQA repository's README (github.com/idavidrein/gpqa); the zip is encrypted only to keep the
 # questions out of web crawls, not as access control.
@@ -73,6 +94,9 @@ class Task:
     limit_per_subset: bool = False  # --limit counts per language rather than overall
     # GPQA's terms forbid publishing its questions: its saved outputs carry ids, letters and completions only.
     save_prompts: bool = True
+    layout: str = ""  # the offline copy under --data_dir, for the command line's help
+    # Also report scores averaged over subsets with equal weight (BIG-Bench Hard's headline is the task mean).
+    macro_average: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,24 +391,225 @@ def _load_global_mmlu(source: DataSource) -> list[Example]:
     return examples
 
 
-TASKS: dict[str, Task] = {
-    task.name: task
-    for task in (
-        Task("math500", _load_math500, _grade_math, metric="math_accuracy", max_new_tokens=4096),
-        Task(
-            "gpqa_diamond", _load_gpqa, _grade_choice, metric="gpqa_accuracy", max_new_tokens=4096, save_prompts=False
-        ),
-        Task("mgsm", _load_mgsm, _grade_mgsm, metric="mgsm_accuracy", max_new_tokens=1024, limit_per_subset=True),
-        Task(
-            "global_mmlu",
-            _load_global_mmlu,
-            _grade_choice,
-            metric="gpqa_accuracy",
-            max_new_tokens=2048,
-            limit_per_subset=True,
-        ),
-    )
+# ---------------------------------------------------------------------------------------------------------------
+# The bundled synthetic task (eval/synthetic.py): the recipes' held-out evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+# Enough for any held-out size the recipes use; the first N of them are `arithmetic_problems("test", N)`, so
+# `--limit 200` is the recipes' default held-out set.
+SYNTHETIC_TEST_PROBLEMS = 1000
+
+
+def chat_examples(rows, name: str = "synthetic") -> list[Example]:
+    """Examples from rows in the recipes' format: `prompt` (chat messages) and `answer`, with `language` (reported
+    as the subset) and `level` when present. The synthetic task's rows, or a recipe's `--dataset_name` test split."""
+    return [
+        Example(
+            id=f"{name}/{i}",
+            messages=list(row["prompt"]),
+            gold=str(row["answer"]),
+            subset=row.get("language"),
+            meta={"level": row["level"]} if row.get("level") is not None else {},
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+def _load_synthetic(source: DataSource) -> list[Example]:
+    from .synthetic import LANGUAGES, arithmetic_problems
+
+    problems = arithmetic_problems("test", SYNTHETIC_TEST_PROBLEMS, languages=source.languages or LANGUAGES)
+    return chat_examples(problems)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BIG-Bench Hard
+# ---------------------------------------------------------------------------------------------------------------
+
+# The 3-shot chain-of-thought prompts of the BBH repository (github.com/suzgunmirac/BIG-Bench-Hard, MIT license,
+# copied unchanged with its LICENSE), shipped so that the standard prompts need no download.
+BBH_PROMPT_DIR = Path(__file__).parent / "bbh_cot_prompts"
+_BBH_BINARY_HINT = {
+    "boolean_expressions": "True or False",
+    "formal_fallacies": "valid or invalid",
+    "sports_understanding": "yes or no",
 }
+_BBH_HINT = {
+    "choice": "the letter of the correct option in parentheses, such as (A)",
+    "numeric": "the number only",
+    "dyck": "the closing brackets that complete the sequence, separated by spaces",
+    "words": "the sorted words separated by spaces",
+}
+
+
+def bbh_cot_prompt(task: str) -> tuple[str, list[tuple[str, str]]]:
+    """(task description, [(question, chain-of-thought answer)] x 3) of a task's standard CoT prompt."""
+    path = BBH_PROMPT_DIR / f"{task}.txt"
+    if not path.exists():
+        raise DataUnavailableError(f"{path} not found: the package ships one CoT prompt per BBH task")
+    text = path.read_text(encoding="utf-8").split("-----\n", 1)[-1].strip()  # drop the canary line
+    description, *blocks = re.split(r"\n\n(?=Q: )", text)
+    shots = []
+    for block in blocks:
+        question, _, answer = block.removeprefix("Q: ").partition("\nA: ")
+        shots.append((question.strip(), answer.strip()))
+    return description.strip(), shots
+
+
+def bbh_messages(task: str, question: str, shots: int) -> list[dict]:
+    """The chat prompt: the 3 exemplars as earlier user/assistant turns (each answer ends "So the answer is X."),
+    or zero-shot, the task description and an instruction to end the same way."""
+    description, exemplars = bbh_cot_prompt(task)
+    if shots == 0:
+        family = BBH_TASKS[task]
+        hint = _BBH_BINARY_HINT.get(task, "Yes or No") if family == "binary" else _BBH_HINT[family]
+        instruction = f'Think step by step, then end your response with "So the answer is X." where X is {hint}.'
+        return [{"role": "user", "content": f"{description}\n\nQ: {question}\n\n{instruction}"}]
+    messages = []
+    for i, (shot_question, answer) in enumerate(exemplars[:shots]):
+        prefix = f"{description}\n\n" if i == 0 else ""
+        messages += [
+            {"role": "user", "content": f"{prefix}Q: {shot_question}"},
+            {"role": "assistant", "content": answer},
+        ]
+    return messages + [{"role": "user", "content": f"Q: {question}"}]
+
+
+def read_bbh_json(path: Path) -> list[dict]:
+    """The examples of a BBH task file in the repository's format, `{"examples": [{"input", "target"}, ...]}`.
+    A malformed file raises DataUnavailableError naming the file and line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataUnavailableError(
+            f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); BBH files hold "
+            '{"examples": [{"input": ..., "target": ...}, ...]}'
+        ) from error
+    if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
+        raise DataUnavailableError(f'{path}:1: expected an object with an "examples" list, as in the BBH repository')
+    # Where each example starts, to point at the bad one.
+    starts = [m.start() for m in re.finditer(r'(?<!\\)"input"\s*:', text)]
+    for i, example in enumerate(data["examples"]):
+        ok = isinstance(example, dict) and all(isinstance(example.get(k), str) for k in ("input", "target"))
+        if not ok:
+            line = text.count("\n", 0, starts[i]) + 1 if i < len(starts) else 1
+            raise DataUnavailableError(
+                f'{path}:{line}: example {i} needs string "input" and "target" fields, got {str(example)[:80]!r}'
+            )
+    return data["examples"]
+
+
+def _bbh_rows(source: DataSource) -> dict[str, list[dict]]:
+    layout = "bbh/<task>.json (the BBH repository's files)"
+    if source.data_dir is None:
+        return {task: list(_load_hub_dataset("lukaemon/bbh", task, "test", layout)) for task in BBH_TASKS}
+    folder = source.data_dir / "bbh"
+    present = [task for task in BBH_TASKS if (folder / f"{task}.json").exists()]
+    if not present:
+        raise DataUnavailableError(f"no BBH task files in {folder}: --data_dir must contain {layout}")
+    missing = [task for task in BBH_TASKS if task not in present]
+    if missing:
+        warnings.warn(
+            f"{folder} has {len(present)} of the 27 BBH tasks (missing: {', '.join(missing)}); "
+            "the macro average covers the present ones",
+            stacklevel=2,
+        )
+    return {task: read_bbh_json(folder / f"{task}.json") for task in present}
+
+
+def _bbh_loader(shots: int) -> Callable[[DataSource], list[Example]]:
+    def load(source: DataSource) -> list[Example]:
+        return [
+            Example(
+                id=f"{task}/{i}",
+                messages=bbh_messages(task, row["input"], shots),
+                gold=row["target"],
+                subset=task,
+                meta={"input": row["input"]},
+            )
+            for task, rows in _bbh_rows(source).items()
+            for i, row in enumerate(rows)
+        ]
+
+    return load
+
+
+def _grade_bbh(output: str, example: Example) -> tuple[bool, Hashable | None]:
+    answer = extract_bbh_answer(output, example.subset, example.meta.get("input"))
+    return answer is not None and answer == bbh_gold_key(example.gold, example.subset), answer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------------------------
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add a benchmark to the registry (what `--tasks` and `get_task` choose from)."""
+    if task.name in TASKS:
+        raise ValueError(f"a task named {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+for _task in (
+    Task(
+        "math500", _load_math500, _grade_math, metric="math_accuracy", max_new_tokens=4096, layout="math500/test.jsonl"
+    ),
+    Task(
+        "gpqa_diamond",
+        _load_gpqa,
+        _grade_choice,
+        metric="gpqa_accuracy",
+        max_new_tokens=4096,
+        save_prompts=False,
+        layout="gpqa/gpqa_diamond.csv or gpqa/dataset.zip",
+    ),
+    Task(
+        "mgsm",
+        _load_mgsm,
+        _grade_mgsm,
+        metric="mgsm_accuracy",
+        max_new_tokens=1024,
+        limit_per_subset=True,
+        layout="mgsm/mgsm_<lang>.tsv",
+    ),
+    Task(
+        "global_mmlu",
+        _load_global_mmlu,
+        _grade_choice,
+        metric="gpqa_accuracy",
+        max_new_tokens=2048,
+        limit_per_subset=True,
+        layout="global_mmlu/<lang>.parquet|.jsonl|.csv",
+    ),
+    Task("synthetic", _load_synthetic, _grade_math, metric="math_accuracy", max_new_tokens=256),
+    # BBH's standard setting: the 3-shot chain-of-thought prompts.
+    Task(
+        "bbh",
+        _bbh_loader(shots=3),
+        _grade_bbh,
+        metric="bbh_accuracy",
+        max_new_tokens=1024,
+        limit_per_subset=True,
+        layout="bbh/<task>.json",
+        macro_average=True,
+    ),
+    Task(
+        "bbh_zeroshot",
+        _bbh_loader(shots=0),
+        _grade_bbh,
+        metric="bbh_accuracy",
+        max_new_tokens=1024,
+        limit_per_subset=True,
+        layout="bbh/<task>.json",
+        macro_average=True,
+    ),
+):
+    register_task(_task)
 
 
 def get_task(name: str) -> Task:

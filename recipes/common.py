@@ -21,6 +21,7 @@ from eval.generation import generate_completions
 from eval.grading import extract_boxed, math_answer_correct
 from eval.loading import InputError, load_causal_lm
 from eval.loading import load_tokenizer as _load_tokenizer
+from eval.tasks import chat_examples, get_task
 
 from .synthetic import LANGUAGES, LEVELS, arithmetic_problems
 from .validation import check_arguments, check_run_manifest, load_task_dataset, parse_mapping, run_settings
@@ -207,12 +208,15 @@ def heldout_accuracy(
     desc: str = "held-out eval",
 ) -> dict[str, Any]:
     """Greedy pass@1 on `dataset` (`prompt`, `answer`), overall and per `level` / `language` when present, plus
-    the share of answers that carry a `\\boxed{}`."""
+    the share of answers that carry a `\\boxed{}`. Graded by the eval harness's `synthetic` task, the same
+    task `python -m eval --tasks synthetic` runs."""
+    task = get_task("synthetic")
+    examples = chat_examples(dataset)
     completions = generate_completions(
-        model, tokenizer, list(dataset["prompt"]), max_new_tokens=max_new_tokens, batch_size=batch_size,
-        progress=progress, desc=desc,
+        model, tokenizer, [example.messages for example in examples], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, progress=progress, desc=desc,
     )  # fmt: skip
-    correct = [math_answer_correct(samples[0], str(gold)) for samples, gold in zip(completions, dataset["answer"])]
+    correct = [task.grade(samples[0], example)[0] for samples, example in zip(completions, examples)]
     result: dict[str, Any] = {
         "accuracy": sum(correct) / len(correct),
         "boxed_rate": sum(extract_boxed(samples[0]) is not None for samples in completions) / len(completions),
