@@ -9,10 +9,14 @@ from .modeling_llama4 import (
     Llama4TextModel,
     Llama4VisionModel,
 )
+from .int4 import Int4Config, dequantize_model, quantize_model
 from .moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe, grouped_matmul
 from .parameters import ParameterCounts, count_parameters
 
 __all__ = [
+    "Int4Config",
+    "quantize_model",
+    "dequantize_model",
     "Llama4Config",
     "Llama4VisionConfig",
     "Llama4VisionModel",
