@@ -2,6 +2,7 @@
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .hub import model_card, push_to_hub, register_auto_classes
+from .int4 import Int4Config, dequantize_model, quantize_model
 from .modeling_llama4 import (
     Llama4ForCausalLM,
     Llama4ForConditionalGeneration,
@@ -9,7 +10,6 @@ from .modeling_llama4 import (
     Llama4TextModel,
     Llama4VisionModel,
 )
-from .int4 import Int4Config, dequantize_model, quantize_model
 from .moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe, grouped_matmul
 from .parameters import ParameterCounts, count_parameters
 

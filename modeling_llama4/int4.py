@@ -391,13 +391,24 @@ def replace_with_int4_modules(model: nn.Module, config: Int4Config, quantize_wei
 
     quantize_weights: quantize the current float weights (a built model); False builds empty int4 modules (on
     the meta device inside `from_pretrained`, before the weights load). Returns the number of modules swapped."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (Llama4TextExperts, Llama4TextMLP)) and not _skipped(name, config)
+    ]
+    for name, module in targets:  # every shape first: a bad group size must not leave a half-swapped model
+        if isinstance(module, Llama4TextExperts):
+            check_group_size(module.hidden_size, config.group_size, f"{name}.gate_up_proj (hidden_size)")
+            check_group_size(module.intermediate_size, config.group_size, f"{name}.down_proj (intermediate_size)")
+        else:
+            for proj in ("gate_proj", "down_proj"):
+                width = getattr(module, proj).in_features
+                check_group_size(width, config.group_size, f"{name}.{proj} (in_features={width})")
+    text_config = _text_config_of(model)
     swapped = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (Llama4TextExperts, Llama4TextMLP)) or _skipped(name, config):
-            continue
+    for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        text_config = _text_config_of(model)
         with torch.device(next(module.parameters()).device):
             if isinstance(module, Llama4TextExperts):
                 new = (
@@ -542,11 +553,14 @@ def check_int4_checkpoint(model: nn.Module, checkpoint_files: list[str]) -> None
         )
 
 
-def check_quantization_request(pretrained_model_name_or_path: Any, kwargs: dict) -> None:
-    """Before `from_pretrained` with `quantization_config=Int4Config(...)`: refuse a checkpoint already
-    quantized (with another method, or with int4 settings different from the ones asked for)."""
+def check_quantization_request(model_class: type, pretrained_model_name_or_path: Any, kwargs: dict) -> None:
+    """Before `from_pretrained`: refuse `quantization_config=Int4Config(...)` for a checkpoint already quantized
+    (with another method, or int4 with other settings), and let a text class load the text half of a multimodal
+    int4 checkpoint (its `quantization_config` sits on the multimodal config, which the text config does not
+    inherit). May set `kwargs["config"]`."""
     requested = kwargs.get("quantization_config")
-    if not isinstance(requested, Int4Config):
+    text_class = getattr(model_class.config_class, "model_type", None) == "llama4_text"
+    if not isinstance(requested, Int4Config) and not (text_class and "config" not in kwargs):
         return
     from transformers import PretrainedConfig
 
@@ -555,25 +569,29 @@ def check_quantization_request(pretrained_model_name_or_path: Any, kwargs: dict)
     }
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
-    except (OSError, ValueError):
-        return  # transformers' own loading reports an unreadable config
+    except Exception:  # noqa: BLE001 - transformers' own loading reports an unreadable config
+        return
     saved = config_dict.get("quantization_config") or (config_dict.get("text_config") or {}).get("quantization_config")
     if not saved:
         return
     method = saved.get("quant_method") or (
         "bitsandbytes" if saved.get("load_in_4bit") or saved.get("load_in_8bit") else None
     )
-    if method != QUANT_METHOD:
+    if isinstance(requested, Int4Config) and method != QUANT_METHOD:
         raise ValueError(
             f"{pretrained_model_name_or_path} is already quantized ({method}); int4 quantization needs a "
             "full-precision checkpoint. Load it without quantization_config, or quantize the original bf16 weights."
         )
-    if saved.get("group_size") != requested.group_size:
+    if isinstance(requested, Int4Config) and saved.get("group_size") != requested.group_size:
         raise ValueError(
             f"{pretrained_model_name_or_path} is already int4 with group_size={saved.get('group_size')}; "
             f"re-quantizing it with group_size={requested.group_size} would compound the rounding. Load it without "
             "quantization_config, or quantize the full-precision checkpoint."
         )
+    if method == QUANT_METHOD and text_class and "text_config" in config_dict and "config" not in kwargs:
+        config = model_class.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        config.quantization_config = saved
+        kwargs["config"] = config
 
 
 def quantize_model(model: nn.Module, config: Int4Config | None = None) -> nn.Module:

@@ -306,7 +306,7 @@ class Llama4PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' `from_pretrained`, with errors that say which file is broken and what to do."""
-        check_quantization_request(pretrained_model_name_or_path, kwargs)
+        check_quantization_request(cls, pretrained_model_name_or_path, kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
