@@ -24,6 +24,7 @@ transformers would still reject a `quantization_config` it cannot resolve.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +276,7 @@ class Int4TextExperts(nn.Module):
         self.gate_up_proj_scale = _frozen((self.num_experts, 2 * inter, hidden // group_size), torch.float32)
         self.down_proj = _frozen((self.num_experts, hidden, inter // 2), torch.int8)
         self.down_proj_scale = _frozen((self.num_experts, hidden, inter // group_size), torch.float32)
+        self.hidden_act = config.hidden_act
         self.act_fn = ACT2FN[config.hidden_act]
         self.kernel_cache = _KernelCache()
 
@@ -303,22 +305,34 @@ class Int4TextExperts(nn.Module):
         down = dequantize_int4(self.down_proj, self.down_proj_scale, dtype).transpose(1, 2)
         return gate_up.contiguous(), down.contiguous()
 
-    def expert_forward(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
-        """One expert's SwiGLU on its rows: (n, H) -> (n, H)."""
-        gate_up = int4_matmul(
+    def project_gate_up(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        """(n, H) -> (n, 2I): rows @ W_gate_up[expert]."""
+        return int4_matmul(
             rows, self.gate_up_proj[expert], self.gate_up_proj_scale[expert], self.kernel_cache, ("gate_up", expert)
-        )  # (n, 2I)
-        gate, up = gate_up.chunk(2, dim=-1)
-        hidden = self.act_fn(gate) * up  # (n, I)
+        )
+
+    def project_down(self, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, I) -> (n, H): hidden @ W_down[expert]."""
         return int4_matmul(
             hidden, self.down_proj[expert], self.down_proj_scale[expert], self.kernel_cache, ("down", expert)
         )
 
+    def expert_forward(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU on its rows: (n, H) -> (n, H)."""
+        gate, up = self.project_gate_up(expert, rows).chunk(2, dim=-1)  # (n, I) x2
+        return self.project_down(expert, self.act_fn(gate) * up)
+
     def forward(
-        self, hidden_states: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        expert_indices: torch.Tensor,
+        expert_weights: torch.Tensor,
+        expert_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(N, H) rows, (N, k) expert ids and output weights -> (N, H): sum_k weight * expert(row).
-        Ids >= num_experts (another rank's experts) contribute nothing."""
+        Ids >= num_experts (another rank's experts) contribute nothing. `expert_fn(e, rows)` replaces
+        `expert_forward` (the LoRA layer adds its adapters there)."""
+        expert_fn = expert_fn or self.expert_forward
         num_rows, top_k = expert_indices.shape
         flat_experts = expert_indices.reshape(-1)  # (N*k,)
         order = torch.argsort(flat_experts, stable=True)  # assignments grouped by expert, foreign ids last
@@ -328,7 +342,7 @@ class Int4TextExperts(nn.Module):
         outputs, start = [], 0
         for expert, count in enumerate(counts):
             if count:
-                outputs.append(self.expert_forward(expert, expert_in[start : start + count]))
+                outputs.append(expert_fn(expert, expert_in[start : start + count]))
             start += count
         outputs.append(expert_in.new_zeros(expert_in.shape[0] - start, self.hidden_size))  # foreign rows
         expert_out = torch.cat(outputs)  # (N*k, H)
@@ -625,7 +639,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        device = module.down_proj.weight.device if isinstance(module, Int4TextMLP) else module.down_proj.device
+        device = next(module.parameters()).device
         with torch.device(device):
             if isinstance(module, Int4TextExperts):
                 new = Llama4TextExperts(text_config)
@@ -634,7 +648,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
             else:
                 new = Llama4TextMLP(text_config, module.gate_proj.out_features).to(dtype)
                 for proj in ("gate_proj", "up_proj", "down_proj"):
-                    getattr(new, proj).weight = nn.Parameter(getattr(module, proj).dequantized_weight(dtype))
+                    old = getattr(module, proj)  # an nn.Linear already where a LoRA adapter was merged in
+                    weight = old.dequantized_weight(dtype) if isinstance(old, Int4Linear) else old.weight.detach()
+                    getattr(new, proj).weight = nn.Parameter(weight.to(dtype))
         setattr(parent, child, new)
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
