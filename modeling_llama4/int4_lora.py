@@ -242,3 +242,24 @@ def merge_int4_lora(peft_model: PeftModel, dtype: torch.dtype = torch.bfloat16) 
     merged = peft_model.merge_and_unload()
     dequantize_model(merged, torch.float32)
     return merged.to(dtype)
+
+
+def lora_config_for_model(config: LoraConfig | None, model: nn.Module) -> LoraConfig | None:
+    """A recipe's `LoraConfig` made fit for `model`: unchanged for a float model; for an int4 one, the int4 LoRA
+    layers registered and `target_parameters` on the fused experts (how float models adapt them) moved to the
+    `experts` module, which carries the int4 experts' adapters."""
+    if config is None or not any(isinstance(m, (Int4Linear, Int4TextExperts)) for m in model.modules()):
+        return config
+    expert_params = [
+        p for p in config.target_parameters or [] if p.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    ]
+    if expert_params:
+        config.target_parameters = [p for p in config.target_parameters if p not in expert_params] or None
+        targets = config.target_modules
+        if isinstance(targets, str):  # a regex or "all-linear": add the experts as an alternative
+            config.target_modules = targets if targets == "all-linear" else f"(?:{targets})|.*\\.experts$"
+        else:
+            config.target_modules = sorted({*(targets or []), "experts"})
+    if config.target_modules == "all-linear":  # PEFT's all-linear finds nn.Linear only: name the int4 ones too
+        config.target_modules = list(INT4_LORA_TARGETS)
+    return register_int4_lora(config)

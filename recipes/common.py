@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 import modeling_llama4
 from eval.generation import generate_completions
 from eval.grading import extract_boxed, math_answer_correct
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from modeling_llama4 import Int4Config, Llama4ForCausalLM, Llama4TextConfig, quantize_model
 
 from .synthetic import LANGUAGES, LEVELS, arithmetic_problems
 
@@ -58,6 +58,11 @@ class TaskArguments:
         default=False,
         metadata={"help": "Build a freshly initialised model from the config at model_name_or_path (pretraining)."},
     )
+    load_in_int4: bool = field(
+        default=False,
+        metadata={"help": "Quantize the experts to int4 while loading (QLoRA with --use_peft; see docs/int4.md)."},
+    )
+    int4_group_size: int = field(default=128, metadata={"help": "Input features per int4 scale."})
 
 
 def task_datasets(args: TaskArguments) -> tuple[Dataset, Dataset | None]:
@@ -95,15 +100,27 @@ def load_model(
     half), built fresh from the config when `from_scratch`; any other causal LM through the Auto classes."""
     overrides = _overrides(args) if args is not None else {}
     dtype = _torch_dtype(dtype)
+    int4 = Int4Config(group_size=args.int4_group_size) if args is not None and args.load_in_int4 else None
     if args is not None and args.from_scratch:
         config = Llama4TextConfig.from_pretrained(path, **overrides)
         model = Llama4ForCausalLM(config)
-        return model.to(dtype) if dtype is not None else model
+        model = model.to(dtype) if dtype is not None else model
+        return quantize_model(model, int4) if int4 is not None else model
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs |= {"quantization_config": int4} if int4 is not None else {}
     if config.model_type in LLAMA4_MODEL_TYPES:
         return Llama4ForCausalLM.from_pretrained(path, **overrides, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides, **kwargs)
+
+
+def peft_config_for(model_args, model: PreTrainedModel):
+    """TRL's `get_peft_config(model_args)`, fitted to an int4 model (`--load_in_int4`): its LoRA layers."""
+    from trl import get_peft_config
+
+    from modeling_llama4.int4_lora import lora_config_for_model
+
+    return lora_config_for_model(get_peft_config(model_args), model)
 
 
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
