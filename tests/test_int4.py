@@ -109,12 +109,16 @@ def experts_config(hidden=64, inter=32, experts=4, top_k=2):
 
 
 @pytest.mark.parametrize(
-    "hidden, inter, group_size, uses_kernel",
-    [(64, 32, 32, True), (64, 48, 16, False)],  # kernel: N % 16, group in {32..256}; else per-expert dequantize
+    "dtype, inter, group_size, uses_kernel",
+    [
+        (torch.float32, 32, 32, False),  # float32: the routed experts' own weights dequantized, exact
+        (torch.bfloat16, 32, 32, True),  # bf16, few rows: torch's int4 GEMM
+        (torch.bfloat16, 48, 16, False),  # a group size the kernel does not take: dequantized in bf16
+    ],
 )
 @pytest.mark.parametrize("rows", [1, 7, 40])
-def test_int4_experts_match_dequantized_fp32_experts(hidden, inter, group_size, uses_kernel, rows):
-    config = experts_config(hidden, inter, experts=4, top_k=2)
+def test_int4_experts_match_dequantized_fp32_experts(dtype, inter, group_size, uses_kernel, rows):
+    config = experts_config(64, inter, experts=4, top_k=2)
     float_experts = Llama4TextExperts(config)
     torch.nn.init.normal_(float_experts.gate_up_proj, std=0.1)
     torch.nn.init.normal_(float_experts.down_proj, std=0.1)
@@ -123,15 +127,19 @@ def test_int4_experts_match_dequantized_fp32_experts(hidden, inter, group_size, 
     gate_up, down = quantized.dequantized_weights(torch.float32)
     reference.gate_up_proj.data, reference.down_proj.data = gate_up, down
 
-    x = torch.randn(rows, hidden)
+    x = torch.randn(rows, 64).to(dtype)
     ids = torch.randint(0, 4, (rows, 2))
     ids[0] = torch.tensor([1, 1 if rows > 1 else 0])
     weights = torch.rand(rows, 2)
     with torch.no_grad():
         out = quantized(x, ids, weights)
-        expected = reference(x, ids, weights)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    # only the experts that got tokens ran, through torch's int4 GEMM where the shapes allow it
+        expected = reference(x.float(), ids, weights)
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:  # bf16 activations and outputs: bf16 rounding of the intermediate and the result
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    # only the experts that got tokens ran, through torch's int4 GEMM where dtype and shapes allow it
     ran = {key[1] for key in quantized.kernel_cache.entries}
     assert ran == (set(ids.unique().tolist()) if uses_kernel else set())
 
@@ -162,6 +170,12 @@ def test_int4_linear_matches_dequantized_linear_both_paths():
         x = torch.randn(3, 5, 64)
         expected = x @ quantized.dequantized_weight().t()
         torch.testing.assert_close(quantized(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(quantized(x.bfloat16()).float(), expected, rtol=2e-2, atol=2e-2)
+        assert bool(quantized.kernel_cache.entries) == (out_features % 16 == 0 and group_size == 32)
+    many_rows = torch.randn(int4_module.KERNEL_MAX_ROWS + 1, 64).bfloat16()  # past the kernel's row range
+    quantized = Int4Linear.from_linear(torch.nn.Linear(64, 48, bias=False), 32)
+    quantized(many_rows)
+    assert not quantized.kernel_cache.entries
 
 
 def test_bad_group_size_errors():
@@ -364,3 +378,13 @@ def test_int4_repo_pulls_through_remote_code_bit_identical(tiny_model, tmp_path,
     assert out["experts"].startswith("transformers_modules.") and out["experts"].endswith("int4.Int4TextExperts")
     assert out["quantized"]
     assert torch.equal(out["logits"], expected)
+
+
+def test_kernel_path_passes_input_gradients_in_bf16():
+    quantized = Int4Linear.from_linear(torch.nn.Linear(64, 48, bias=False), 32)
+    x = torch.randn(4, 64).bfloat16().requires_grad_(True)
+    quantized(x).float().square().sum().backward()
+    assert quantized.kernel_cache.entries  # the int4 GEMM ran
+    x_ref = x.detach().float().requires_grad_(True)
+    (x_ref @ quantized.dequantized_weight().t()).square().sum().backward()
+    torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=3e-2, atol=3e-2)
