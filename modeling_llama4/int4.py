@@ -130,6 +130,12 @@ def _to_kernel_layout(
     return weight, scales_and_zeros
 
 
+def _drop_kernels(cache: _KernelCache) -> None:
+    if cache.resident_group_size is not None:
+        raise RuntimeError("An int4 model made kernel-resident cannot be moved or cast; reload it instead.")
+    cache.clear()
+
+
 class _Int4Matmul(torch.autograd.Function):
     """x (M, K) @ W.T for an int4 W (N, K) through torch's int4 GEMM; backward gives x its gradient only (the
     int4 weight is frozen: QLoRA trains adapters), computed from W dequantized for that expert alone."""
@@ -137,9 +143,7 @@ class _Int4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel_weight, scales_and_zeros, group_size, packed, scales):  # noqa: D102
         ctx.save_for_backward(packed, scales)
-        if x.device.type == "cpu":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, kernel_weight, group_size, scales_and_zeros)
-        return torch.ops.aten._weight_int4pack_mm(x, kernel_weight, group_size, scales_and_zeros)
+        return _kernel_mm(x, kernel_weight, group_size, scales_and_zeros)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
@@ -171,6 +175,7 @@ class _KernelCache:
 
     def __init__(self) -> None:
         self.entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.resident_group_size: int | None = None  # set once the checkpoint layout is released
 
     def get(self, key: tuple, packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
         key = (*key, dtype, packed.device)
@@ -182,15 +187,36 @@ class _KernelCache:
         self.entries.clear()
 
     def __getstate__(self) -> dict:
-        return {"entries": {}}
+        if self.resident_group_size is not None:
+            raise RuntimeError("An int4 model made kernel-resident cannot be copied or pickled; reload it instead.")
+        return {"entries": {}, "resident_group_size": None}
+
+
+def _kernel_mm(x: torch.Tensor, weight: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm(x, weight, group_size, scales_and_zeros)
 
 
 def int4_matmul(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, cache: _KernelCache | None = None, key: tuple = ()
+    x: torch.Tensor,
+    packed: torch.Tensor | None,
+    scales: torch.Tensor | None,
+    cache: _KernelCache | None = None,
+    key: tuple = (),
 ) -> torch.Tensor:
     """x (M, K) @ W.T -> (M, N) for W given as packed (N, K/2) + scales (N, K/g): torch's int4 GEMM for bf16 and
     at most `KERNEL_MAX_ROWS` rows (CPU `_weight_int4pack_mm_for_cpu`, CUDA `_weight_int4pack_mm`), else W
     dequantized for this call only."""
+    if cache is not None and cache.resident_group_size is not None:
+        entry = cache.entries.get((*key, x.dtype, x.device))
+        if entry is None or not 0 < x.shape[0] <= KERNEL_MAX_ROWS:
+            raise RuntimeError(
+                f"This int4 model keeps only torch's kernel layout (make_kernel_resident): it runs "
+                f"{[k[-2] for k in cache.entries][:1]} activations with 1 to {KERNEL_MAX_ROWS} rows per expert, got "
+                f"{x.dtype} with {x.shape[0]} rows. Reload the model to run other dtypes or batch sizes."
+            )
+        return _kernel_mm(x.contiguous(), entry[0], cache.resident_group_size, entry[1])
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
     group_size = in_features // scales.shape[-1]
     if cache is not None and _kernel_fits(out_features, in_features, group_size, x):
@@ -233,7 +259,7 @@ class Int4Linear(nn.Module):
         self.kernel_cache.clear()
 
     def _apply(self, fn, recurse=True):
-        self.kernel_cache.clear()
+        _drop_kernels(self.kernel_cache)
         return super()._apply(fn, recurse)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -305,7 +331,7 @@ class Int4TextExperts(nn.Module):
         self.kernel_cache.clear()
 
     def _apply(self, fn, recurse=True):
-        self.kernel_cache.clear()
+        _drop_kernels(self.kernel_cache)
         return super()._apply(fn, recurse)
 
     def dequantized_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,17 +340,19 @@ class Int4TextExperts(nn.Module):
         down = dequantize_int4(self.down_proj, self.down_proj_scale, dtype).transpose(1, 2)
         return gate_up.contiguous(), down.contiguous()
 
+    def _matmul(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_cache.resident_group_size is not None:  # only the kernel layout is left
+            return int4_matmul(x, None, None, self.kernel_cache, (name, expert))
+        packed, scales = getattr(self, f"{name}_proj")[expert], getattr(self, f"{name}_proj_scale")[expert]
+        return int4_matmul(x, packed, scales, self.kernel_cache, (name, expert))
+
     def project_gate_up(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
         """(n, H) -> (n, 2I): rows @ W_gate_up[expert]."""
-        return int4_matmul(
-            rows, self.gate_up_proj[expert], self.gate_up_proj_scale[expert], self.kernel_cache, ("gate_up", expert)
-        )
+        return self._matmul("gate_up", expert, rows)
 
     def project_down(self, expert: int, hidden: torch.Tensor) -> torch.Tensor:
         """(n, I) -> (n, H): hidden @ W_down[expert]."""
-        return int4_matmul(
-            hidden, self.down_proj[expert], self.down_proj_scale[expert], self.kernel_cache, ("down", expert)
-        )
+        return self._matmul("down", expert, hidden)
 
     def expert_forward(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
         """One expert's SwiGLU on its rows: (n, H) -> (n, H)."""
@@ -469,8 +497,18 @@ class Int4Quantize(ConversionOps):
             target = full_layer_name or key
             if target.endswith(("gate_up_proj", "down_proj")) and tensor.ndim == 3:
                 tensor = tensor.transpose(1, 2)  # fused (E, K, N) used as x @ W -> per expert [N, K]
-            values, scales = quantize_int4(tensor, group_size)
-            result[target] = pack_int4(values)
+            # one expert at a time: the float32 temporaries stay one expert's size, not the fused tensor's
+            matrices = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor
+            packed = torch.empty(*matrices.shape[:-1], matrices.shape[-1] // 2, dtype=torch.int8, device=tensor.device)
+            scales = torch.empty(
+                *matrices.shape[:-1], matrices.shape[-1] // group_size, dtype=torch.float32, device=tensor.device
+            )
+            for index, matrix in enumerate(matrices):
+                values, scales[index] = quantize_int4(matrix, group_size)
+                packed[index] = pack_int4(values)
+            if tensor.ndim == 2:
+                packed, scales = packed[0], scales[0]
+            result[target] = packed
             result[target + "_scale"] = scales
         return result
 
@@ -673,6 +711,35 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     return model
 
 
+def make_kernel_resident(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Convert every int4 matrix to torch's kernel layout and free the checkpoint layout, module by module, so an
+    int4 model that fits once does not need room for two copies (Scout on one 80 GB GPU: 51 GB of experts). For
+    inference only: afterwards the model runs `dtype` activations, at most `KERNEL_MAX_ROWS` rows per expert
+    (decode, short prompts), and cannot be saved, moved, copied or trained. Returns the bytes now held."""
+    held = 0
+    for module in model.modules():
+        if isinstance(module, Int4TextExperts):
+            params = ("gate_up_proj", "down_proj")
+            for param in params:
+                packed, scales = getattr(module, param), getattr(module, f"{param}_scale")
+                for expert in range(module.num_experts):
+                    module.kernel_cache.get(
+                        (param.removesuffix("_proj"), expert), packed[expert], scales[expert], dtype
+                    )
+            names = [*params, *(f"{p}_scale" for p in params)]
+        elif isinstance(module, Int4Linear):
+            module.kernel_cache.get((), module.weight, module.weight_scale, dtype)
+            names = ["weight", "weight_scale"]
+        else:
+            continue
+        for name in names:  # the checkpoint layout goes; its shape stays readable on the module's attributes
+            old = getattr(module, name)
+            setattr(module, name, nn.Parameter(old.new_empty(0), requires_grad=False))
+        module.kernel_cache.resident_group_size = module.group_size
+        held += sum(t.numel() * t.element_size() for entry in module.kernel_cache.entries.values() for t in entry)
+    return held
+
+
 def int4_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the int4 modules' packed weights and scales, and of everything else."""
     quantized = sum(
@@ -705,4 +772,6 @@ __all__ = [
     "quantize_model",
     "dequantize_model",
     "int4_bytes",
+    "make_kernel_resident",
+    "KERNEL_MAX_ROWS",
 ]

@@ -388,3 +388,17 @@ def test_kernel_path_passes_input_gradients_in_bf16():
     x_ref = x.detach().float().requires_grad_(True)
     (x_ref @ quantized.dequantized_weight().t()).square().sum().backward()
     torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_kernel_resident_model_gives_the_kernel_logits_and_refuses_other_uses(tiny_model):
+    model = quantize_model(tiny_model, Int4Config(group_size=32)).to(torch.bfloat16)
+    ids = torch.randint(3, 96, (2, 6))
+    expected = logits(model, ids)  # bf16, few rows: the kernel path
+    held = int4_module.make_kernel_resident(model)
+    experts = model.model.layers[0].feed_forward.experts
+    assert experts.gate_up_proj.numel() == 0 and held > 0
+    assert torch.equal(logits(model, ids), expected)
+    with pytest.raises(RuntimeError, match="kernel layout.*got torch.float32"):
+        experts(torch.randn(3, 64), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    with pytest.raises(RuntimeError, match="cannot be moved or cast"):
+        experts.float()
