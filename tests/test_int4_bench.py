@@ -36,3 +36,21 @@ def test_gpu_benchmark_dry_run_on_cpu():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if re.match(r"\| (1|32) \|", line)]
     assert len(rows) == 2 and all("fewer than bf16" in row for row in rows)
+
+
+@pytest.mark.slow
+def test_checkpoint_quality_mode_compares_full_rtn_and_gptq_on_the_same_problems(tmp_path):
+    import torch
+    from bench_int4 import checkpoint_quality
+    from transformers import AutoTokenizer
+
+    from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    tiny = ROOT / "hub_configs" / "tiny"
+    Llama4ForCausalLM(Llama4TextConfig.from_pretrained(tiny)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path)
+    lines = checkpoint_quality(str(tmp_path), problems=2, max_new_tokens=2, group_size=32)
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert {"full precision", "int4 RTN", "int4 GPTQ"} <= set(rows)
+    assert "on 2 synthetic problems" in lines[0]
