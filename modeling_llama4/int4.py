@@ -445,10 +445,10 @@ def replace_with_int4_modules(model: nn.Module, config: Int4Config, quantize_wei
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, (Llama4TextExperts, Llama4TextMLP)) and not _skipped(name, config)
+        if _float_kind(module) is not None and not _skipped(name, config)
     ]
     for name, module in targets:  # every shape first: a bad group size must not leave a half-swapped model
-        if isinstance(module, Llama4TextExperts):
+        if _float_kind(module) == "experts":
             check_group_size(module.hidden_size, config.group_size, f"{name}.gate_up_proj (hidden_size)")
             check_group_size(module.intermediate_size, config.group_size, f"{name}.down_proj (intermediate_size)")
         else:
@@ -461,7 +461,7 @@ def replace_with_int4_modules(model: nn.Module, config: Int4Config, quantize_wei
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         with torch.device(next(module.parameters()).device):
-            if isinstance(module, Llama4TextExperts):
+            if _float_kind(module) == "experts":
                 new = (
                     Int4TextExperts.from_experts(module, text_config, config.group_size)
                     if quantize_weights
@@ -476,6 +476,18 @@ def replace_with_int4_modules(model: nn.Module, config: Int4Config, quantize_wei
         setattr(parent, child, new)
         swapped += 1
     return swapped
+
+
+def _float_kind(module: nn.Module) -> str | None:
+    """ "experts" / "mlp" for llama4-hf's float experts and MLPs, else None.
+
+    By class name and defining file (`moe.py`), not identity: a remote-code copy of this package defines its own
+    classes, and the process may hold both. transformers' built-in classes share the names but not the forward
+    contract, so their module (`transformers.models.llama4.modeling_llama4`) does not match."""
+    cls = type(module)
+    if cls.__module__.rpartition(".")[2] != "moe":
+        return None
+    return {Llama4TextExperts.__name__: "experts", Llama4TextMLP.__name__: "mlp"}.get(cls.__name__)
 
 
 def _text_config_of(model: nn.Module):
@@ -523,7 +535,11 @@ class Int4HfQuantizer(HfQuantizer):
         return 0.5
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        replace_with_int4_modules(model, self.quantization_config, quantize_weights=False)
+        if not replace_with_int4_modules(model, self.quantization_config, quantize_weights=False):
+            raise ValueError(
+                f"Int4Config found no llama4-hf experts in {type(model).__name__} ({type(model).__module__}). "
+                "Load with modeling_llama4's classes, or AutoModel*.from_pretrained(..., trust_remote_code=True)."
+            )
         if self.pre_quantized and checkpoint_files:
             check_int4_checkpoint(model, checkpoint_files)
         return model

@@ -402,3 +402,22 @@ def test_kernel_resident_model_gives_the_kernel_logits_and_refuses_other_uses(ti
         experts(torch.randn(3, 64), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
     with pytest.raises(RuntimeError, match="cannot be moved or cast"):
         experts.float()
+
+
+def test_remote_code_copy_loads_int4_next_to_the_package_and_builtin_is_refused(tiny_model, tmp_path):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    quantized = quantize_model(tiny_model, Int4Config(group_size=32))
+    ids = torch.randint(3, 96, (1, 8))
+    expected = logits(quantized, ids)
+    quantized.save_pretrained(tmp_path / "int4")
+    # the remote-code classes are other classes than the package's, in the same process
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "int4", trust_remote_code=True)
+    assert type(remote).__module__.startswith("transformers_modules.")
+    assert type(remote.model.layers[0].feed_forward.experts).__name__ == "Int4TextExperts"
+    assert torch.equal(logits(remote, ids), expected)
+    tiny_model_float = Llama4ForCausalLM(Llama4TextConfig(**tiny_text_kwargs()))
+    tiny_model_float.save_pretrained(tmp_path / "bf")
+    with pytest.raises(ValueError, match="found no llama4-hf experts"):
+        transformers.Llama4ForCausalLM.from_pretrained(tmp_path / "bf", quantization_config=Int4Config(group_size=32))
