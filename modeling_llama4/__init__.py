@@ -2,6 +2,7 @@
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from .hub import model_card, push_to_hub, register_auto_classes
+from .int4 import Int4Config, dequantize_model, quantize_model
 from .metap import RULES as METAP_RULES
 from .metap import metap_group, metap_param_groups, metap_shape
 from .modeling_llama4 import (
@@ -15,6 +16,9 @@ from .moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe, grouped_matmul
 from .parameters import ParameterCounts, count_parameters
 
 __all__ = [
+    "Int4Config",
+    "quantize_model",
+    "dequantize_model",
     "Llama4Config",
     "Llama4VisionConfig",
     "Llama4VisionModel",

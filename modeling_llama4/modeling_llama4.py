@@ -35,6 +35,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_llama4 import Llama4Config, Llama4TextConfig, Llama4VisionConfig
+from .int4 import check_quantization_request  # also registers the int4 quantizer (remote code included)
 from .metap import metap_enabled, metap_init_module, metap_param_groups  # noqa: F401 (public re-export)
 from .moe import (
     Llama4Router,
@@ -306,6 +307,7 @@ class Llama4PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' `from_pretrained`, with errors that say which file is broken and what to do."""
+        check_quantization_request(cls, pretrained_model_name_or_path, kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:

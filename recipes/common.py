@@ -22,6 +22,7 @@ from eval.grading import extract_boxed, math_answer_correct
 from eval.loading import InputError, load_causal_lm
 from eval.loading import load_tokenizer as _load_tokenizer
 from eval.tasks import chat_examples, get_task
+from modeling_llama4 import Int4Config, quantize_model
 
 from .synthetic import LANGUAGES, LEVELS, arithmetic_problems
 from .validation import check_arguments, check_run_manifest, load_task_dataset, parse_mapping, run_settings
@@ -75,6 +76,11 @@ class TaskArguments:
     fp8_emulate: bool = field(
         default=False, metadata={"help": "FP8 emulated on any device (numerics checks; slower than bf16)."}
     )
+    load_in_int4: bool = field(
+        default=False,
+        metadata={"help": "Quantize the experts to int4 while loading (QLoRA with --use_peft; see docs/int4.md)."},
+    )
+    int4_group_size: int = field(default=128, metadata={"help": "Input features per int4 scale."})
 
 
 def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
@@ -108,18 +114,31 @@ def load_model(
     flag: str = "--model_name_or_path",
     overrides_flag: str = "--model_config_overrides",
 ) -> PreTrainedModel:
-    """`eval.loading.load_causal_lm` with a recipe's `--model_config_overrides` and `--from_scratch`."""
+    """`eval.loading.load_causal_lm` with a recipe's `--model_config_overrides`, `--from_scratch` and
+    `--load_in_int4` (experts quantized while loading; a fresh model is quantized once built)."""
     overrides = parse_mapping(args.model_config_overrides, overrides_flag) if args is not None else {}
-    return load_causal_lm(
+    int4 = Int4Config(group_size=args.int4_group_size) if args is not None and args.load_in_int4 else None
+    from_scratch = bool(args is not None and args.from_scratch)
+    model = load_causal_lm(
         path, flag=flag, dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
-        config_overrides=overrides, overrides_flag=overrides_flag,
-        from_scratch=bool(args is not None and args.from_scratch),
+        config_overrides=overrides, overrides_flag=overrides_flag, from_scratch=from_scratch,
+        **({"quantization_config": int4} if int4 is not None and not from_scratch else {}),
     )  # fmt: skip
+    return quantize_model(model, int4) if int4 is not None and from_scratch else model
 
 
 def load_tokenizer(path: str, flag: str = "--tokenizer_name_or_path"):
     """`eval.loading.load_tokenizer`: the tokenizer at `path`, EOS as its pad token where it has none."""
     return _load_tokenizer(path, flag)
+
+
+def peft_config_for(model_args, model: PreTrainedModel):
+    """TRL's `get_peft_config(model_args)`, fitted to an int4 model (`--load_in_int4`): its LoRA layers."""
+    from trl import get_peft_config
+
+    from modeling_llama4.int4_lora import lora_config_for_model
+
+    return lora_config_for_model(get_peft_config(model_args), model)
 
 
 def prepare_run(model_args, task_args: TaskArguments, training_args) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
+from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from recipes.common import (
     REWARD_FUNCTIONS,
@@ -23,6 +23,7 @@ from recipes.common import (
     defer_hub_push,
     finish_recipe,
     model_and_tokenizer,
+    peft_config_for,
     reward_function,
     task_datasets,
     train_resumably,
@@ -64,7 +65,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
             "higher --pair_temperature, or use prompts of mixed difficulty"
         )
     defer_hub_push(training_args)
-    peft_config = get_peft_config(model_args)
+    peft_config = peft_config_for(model_args, model)
     # TRL would rebuild the reference from the checkpoint path with transformers' built-in class (see tests):
     # hand it a frozen copy of our starting policy instead (not needed with PEFT: adapters off is the reference).
     ref_model = None if peft_config is not None else copy.deepcopy(model).eval().requires_grad_(False)

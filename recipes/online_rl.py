@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
 from recipes.common import (
     REWARD_FUNCTIONS,
@@ -21,6 +21,7 @@ from recipes.common import (
     defer_hub_push,
     finish_recipe,
     model_and_tokenizer,
+    peft_config_for,
     reward_function,
     task_datasets,
     train_resumably,
@@ -53,7 +54,7 @@ def main(
         args=training_args,
         train_dataset=train.remove_columns([c for c in ("completion",) if c in train.column_names]),
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config_for(model_args, model),
     )
     train_resumably(trainer, training_args)
     return finish_recipe(trainer, tokenizer, heldout, script_args, training_args, "online_rl")

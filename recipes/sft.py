@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from eval.grading import math_answer_correct
 from recipes.common import (
@@ -25,6 +25,7 @@ from recipes.common import (
     load_model,
     load_tokenizer,
     model_and_tokenizer,
+    peft_config_for,
     task_datasets,
     train_resumably,
 )
@@ -83,7 +84,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         args=training_args,
         train_dataset=train.select_columns(["prompt", "completion"]),
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config_for(model_args, model),
     )
     train_resumably(trainer, training_args)
     return finish_recipe(trainer, tokenizer, heldout, script_args, training_args, "sft", {"filter": report})

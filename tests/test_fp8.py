@@ -7,7 +7,6 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -309,13 +308,14 @@ def test_fsdp2_two_processes_with_emulated_fp8_equal_one_process():
     assert "FP8 FSDP2 OK" in result.stdout
 
 
-def test_recipe_switch_converts_the_policy():
+def test_recipe_switch_converts_the_policy(tmp_path):
+    from trl import ModelConfig, SFTConfig
+
     from recipes.common import TaskArguments, model_and_tokenizer
 
     task = TaskArguments(from_scratch=True, fp8_emulate=True, heldout_problems=0)
-    model, _ = model_and_tokenizer(
-        SimpleNamespace(model_name_or_path=str(TINY), dtype=None), task, SimpleNamespace(seed=0)
-    )
+    training_args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", seed=0)
+    model, _ = model_and_tokenizer(ModelConfig(model_name_or_path=str(TINY), dtype=None), task, training_args)
     assert fp8_summary(model)["experts"] == model.config.num_hidden_layers
 
 
