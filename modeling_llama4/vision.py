@@ -53,6 +53,14 @@ class Llama4VisionRotaryEmbedding(nn.Module):
         freqs = freqs.masked_fill(patch_index.reshape(-1, 1, 1) < 0, 0)
         return torch.view_as_complex(torch.stack([torch.cos(freqs), torch.sin(freqs)], dim=-1))  # (P+1, 1, D/2)
 
+    def _apply(self, fn, recurse: bool = True) -> Llama4VisionRotaryEmbedding:
+        # `.to(torch.bfloat16)` / `.half()` cast complex buffers to the real dtype, dropping the sine half of
+        # the table (the built-in has this bug); rebuild it in complex64 on the buffer's new device instead.
+        super()._apply(fn, recurse)
+        if not self.freqs_ci.is_complex():
+            self.freqs_ci = self._compute_freqs_ci(self.config).to(self.freqs_ci.device)
+        return self
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.freqs_ci.to(hidden_states.device)
 

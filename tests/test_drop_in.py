@@ -1,0 +1,134 @@
+"""Interfaces transformers' built-in Llama 4 has and ours must have too (issue: a true drop-in)."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import PreTrainedModel
+
+from modeling_llama4 import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
+from modeling_llama4 import Llama4TextModel
+
+from conftest import tiny_text_kwargs
+
+TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def causal_lm():
+    torch.manual_seed(0)
+    return Llama4ForCausalLM(Llama4TextConfig(**tiny_text_kwargs())).eval()
+
+
+@pytest.fixture(scope="module")
+def multimodal():
+    torch.manual_seed(0)
+    return Llama4ForConditionalGeneration(Llama4Config.from_pretrained(TINY)).eval()
+
+
+def _token_ids(model, shape):  # text tokens only (the tiny multimodal vocabulary ends in image tokens)
+    return torch.randint(3, min(model.config.get_text_config().vocab_size, 900), shape)
+
+
+def _model_for(name, causal_lm, multimodal):
+    return {"causal_lm": causal_lm, "text_model": causal_lm.model, "multimodal": multimodal, "backbone": multimodal.model}[name]
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "text_model", "multimodal", "backbone"])
+def test_past_key_values_is_the_deprecated_name_of_cache(name, causal_lm, multimodal):
+    model = _model_for(name, causal_lm, multimodal)
+    prompt, next_token = _token_ids(model, (2, 9)), _token_ids(model, (2, 1))
+
+    def step(keyword: str):
+        with torch.no_grad():
+            prefill = model(input_ids=prompt, use_cache=True)
+            out = model(input_ids=next_token, use_cache=True, **{keyword: prefill.cache})
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        old_name = step("past_key_values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        new_name = step("cache")
+    with torch.no_grad():  # the cache is really used: not the logits of the lone token
+        alone = model(input_ids=next_token)
+    alone = alone.logits if hasattr(alone, "logits") else alone.last_hidden_state
+    torch.testing.assert_close(old_name, new_name)
+    assert (old_name - alone).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "multimodal"])
+def test_return_dict_false_returns_tuples_like_the_builtin(name, causal_lm, multimodal):
+    model = _model_for(name, causal_lm, multimodal)
+    input_ids = _token_ids(model, (2, 7))
+    with torch.no_grad():
+        as_dict = model(input_ids=input_ids, labels=input_ids)
+        as_tuple = model(input_ids=input_ids, labels=input_ids, return_dict=False)
+        no_labels = model(input_ids=input_ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and isinstance(no_labels, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+    torch.testing.assert_close(no_labels[0], as_dict.logits)
+
+
+def test_tensor_parallel_plans_name_the_lm_head_like_the_builtin(causal_lm, multimodal):
+    assert causal_lm._tp_plan["lm_head"] == transformers.Llama4ForCausalLM._tp_plan["lm_head"] == "colwise_gather_output"
+    assert multimodal._tp_plan["lm_head"] == "colwise_gather_output"
+
+
+def test_get_image_features_returns_the_builtins_model_output(multimodal):
+    builtin = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config.from_pretrained(TINY)).eval()
+    builtin.load_state_dict(multimodal.state_dict())
+    size = multimodal.config.vision_config.image_size
+    pixel_values = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ours = multimodal.get_image_features(pixel_values)
+        ours_tuple = multimodal.get_image_features(pixel_values, return_dict=False)
+        expected = builtin.get_image_features(pixel_values=pixel_values, return_dict=True).last_hidden_state
+    assert isinstance(ours, BaseModelOutput) and isinstance(ours_tuple, tuple)
+    torch.testing.assert_close(ours.last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_tuple[0], expected)
+
+
+def test_multimodal_backbone_is_one_pretrained_submodel_and_keys_stay_official(multimodal, tmp_path):
+    backbone = multimodal.model
+    assert isinstance(backbone, PreTrainedModel) and backbone is multimodal.model is multimodal.base_model
+    assert backbone.language_model is multimodal.language_model.model
+    assert backbone.vision_model is multimodal.vision_model
+    keys = set(multimodal.state_dict())
+    assert not any(key.startswith("model.") for key in keys)
+    assert {key.split(".")[0] for key in keys} == {"vision_model", "multi_modal_projector", "language_model"}
+    assert "language_model.lm_head.weight" in keys and "language_model.model.embed_tokens.weight" in keys
+    backbone.save_pretrained(tmp_path)
+    reloaded = type(backbone).from_pretrained(tmp_path)
+    input_ids = _token_ids(backbone, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=input_ids).last_hidden_state, backbone(input_ids=input_ids).last_hidden_state
+        )
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half"])
+def test_casting_the_model_keeps_the_complex_vision_rope_table(cast, multimodal):
+    import copy
+
+    size = multimodal.config.vision_config.image_size
+    pixel_values = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        reference = multimodal.vision_model(pixel_values).last_hidden_state
+        low = copy.deepcopy(multimodal)
+        low = low.to(torch.bfloat16) if cast == "to_bf16" else low.half()
+        assert low.vision_model.rotary_embedding.freqs_ci.is_complex()
+        torch.testing.assert_close(
+            low.vision_model.rotary_embedding.freqs_ci, multimodal.vision_model.rotary_embedding.freqs_ci
+        )
+        dtype = low.vision_model.patch_embedding.linear.weight.dtype
+        assert dtype in (torch.bfloat16, torch.float16)
+        if cast == "half":  # fp16 matmuls are not all implemented on CPU: compare the table itself only
+            return
+        output = low.vision_model(pixel_values.to(dtype)).last_hidden_state.float()
+    error = (output - reference).abs().max() / reference.abs().max()
+    assert error < 0.05  # bf16 noise; the real-cast table gave errors of ~0.3 relative
