@@ -9,8 +9,12 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import PreTrainedModel
 
-from modeling_llama4 import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
-from modeling_llama4 import Llama4TextModel
+from modeling_llama4 import (
+    Llama4Config,
+    Llama4ForCausalLM,
+    Llama4ForConditionalGeneration,
+    Llama4TextConfig,
+)
 
 from conftest import tiny_text_kwargs
 
@@ -34,7 +38,12 @@ def _token_ids(model, shape):  # text tokens only (the tiny multimodal vocabular
 
 
 def _model_for(name, causal_lm, multimodal):
-    return {"causal_lm": causal_lm, "text_model": causal_lm.model, "multimodal": multimodal, "backbone": multimodal.model}[name]
+    return {
+        "causal_lm": causal_lm,
+        "text_model": causal_lm.model,
+        "multimodal": multimodal,
+        "backbone": multimodal.model,
+    }[name]
 
 
 @pytest.mark.parametrize("name", ["causal_lm", "text_model", "multimodal", "backbone"])
@@ -75,7 +84,9 @@ def test_return_dict_false_returns_tuples_like_the_builtin(name, causal_lm, mult
 
 
 def test_tensor_parallel_plans_name_the_lm_head_like_the_builtin(causal_lm, multimodal):
-    assert causal_lm._tp_plan["lm_head"] == transformers.Llama4ForCausalLM._tp_plan["lm_head"] == "colwise_gather_output"
+    assert (
+        causal_lm._tp_plan["lm_head"] == transformers.Llama4ForCausalLM._tp_plan["lm_head"] == "colwise_gather_output"
+    )
     assert multimodal._tp_plan["lm_head"] == "colwise_gather_output"
 
 
