@@ -11,6 +11,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from modeling_llama4.fingerprint import weights_fingerprint
+
 from .generation import generate_completions
 from .grading import aggregate_scores
 from .tasks import TASKS, DataSource, DataUnavailableError, Example, Task, get_task
@@ -131,7 +133,8 @@ def evaluate_task(
 ) -> dict:
     """Generate (skipping examples already in the cache), grade, and return the task's scores."""
     settings = {
-        "model": model_name,
+        # The weights, not the --model string: a checkpoint retrained at the same path must be regenerated.
+        "model": weights_fingerprint(model),
         "max_new_tokens": max_new_tokens or task.max_new_tokens,
         "num_samples": num_samples,
         "temperature": temperature,

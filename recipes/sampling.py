@@ -16,18 +16,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from eval.generation import generate_completions
+from modeling_llama4.fingerprint import weights_fingerprint
 
 from .common import write_json_atomic
-
-
-def model_fingerprint(model) -> str:
-    """A short hash of the weights, so a cache never serves one model's samples for another."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().float().flatten()
-        digest.update(name.encode())
-        digest.update(f"{tuple(tensor.shape)}{flat[:64].tolist()}{flat.sum().item():.6e}".encode())
-    return digest.hexdigest()[:16]
 
 
 def cached_samples(
@@ -46,7 +37,7 @@ def cached_samples(
 ) -> list[list[str]]:
     """`num_samples` sampled completions per prompt (`result[i][j]`), cached under `cache_dir`."""
     settings = {
-        "model": model_fingerprint(model),
+        "model": weights_fingerprint(model),
         "num_samples": num_samples,
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,

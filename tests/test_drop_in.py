@@ -143,3 +143,74 @@ def test_casting_the_model_keeps_the_complex_vision_rope_table(cast, multimodal)
         output = low.vision_model(pixel_values.to(dtype)).last_hidden_state.float()
     error = (output - reference).abs().max() / reference.abs().max()
     assert error < 0.05  # bf16 noise; the real-cast table gave errors of ~0.3 relative
+
+
+# Which classes the Auto API and TRL's model loader build for a Llama 4 checkpoint, in a fresh interpreter.
+REGISTRATION_SCRIPT = """
+import json, sys
+mode, checkpoint = sys.argv[1:]
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+if mode != "never_imported":
+    import modeling_llama4
+import trl.trainer.dpo_trainer, trl.trainer.utils
+
+def classes():
+    text = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint).get_text_config())
+    multimodal = AutoModelForImageTextToText.from_pretrained(checkpoint)
+    reference = trl.trainer.dpo_trainer.create_model_from_path(checkpoint)  # how DPO/KTO/GRPO/RLOO load it
+    return [type(m).__module__ for m in (AutoConfig.from_pretrained(checkpoint), text, multimodal, reference)]
+
+out = {"first": classes()}
+if mode == "imported":
+    modeling_llama4.unregister()
+    out["unregistered"] = classes()
+    modeling_llama4.register()
+    out["registered_again"] = classes()
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _classes_in_fresh_process(mode: str, checkpoint: Path, **env) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", **env}
+    result = subprocess.run(
+        [sys.executable, "-c", REGISTRATION_SCRIPT, mode, str(checkpoint)],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
+
+
+@pytest.mark.slow
+def test_importing_us_registers_our_classes_reversibly_and_only_then(multimodal, tmp_path):
+    multimodal.save_pretrained(tmp_path)
+    builtin = ["transformers.models.llama4.configuration_llama4"] + ["transformers.models.llama4.modeling_llama4"] * 3
+    ours = ["modeling_llama4.configuration_llama4"] + ["modeling_llama4.modeling_llama4"] * 3
+    assert _classes_in_fresh_process("never_imported", tmp_path) == {"first": builtin}
+    imported = _classes_in_fresh_process("imported", tmp_path)
+    assert imported == {"first": ours, "unregistered": builtin, "registered_again": ours}
+
+
+def test_opt_out_variable_skips_the_registration(monkeypatch):
+    from transformers import AutoConfig
+
+    import modeling_llama4
+
+    modeling_llama4.unregister()
+    try:
+        monkeypatch.setenv(modeling_llama4.registration.OPT_OUT_ENV, "1")
+        modeling_llama4.register_unless_opted_out()  # what `import modeling_llama4` runs
+        assert not modeling_llama4.is_registered()
+        assert type(AutoConfig.for_model("llama4_text")) is transformers.Llama4TextConfig
+        monkeypatch.delenv(modeling_llama4.registration.OPT_OUT_ENV)
+        modeling_llama4.register_unless_opted_out()
+        assert modeling_llama4.is_registered()
+        assert type(AutoConfig.for_model("llama4_text")) is Llama4TextConfig
+    finally:
+        modeling_llama4.register()

@@ -44,6 +44,7 @@ from trl.trainer.utils import create_model_from_path, pad
 from eval.generation import generate_completions
 from eval.grading import math_answer_correct
 from modeling_llama4 import Llama4ForCausalLM
+from modeling_llama4.fingerprint import weights_fingerprint as teacher_fingerprint  # the project's one fingerprint
 
 FORMAT_VERSION = 2
 METADATA = "metadata.json"
@@ -72,16 +73,6 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     special = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items()) if name != "pad_token"}
     text = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def teacher_fingerprint(model: PreTrainedModel) -> str:
-    """A hash of the teacher's config and its output layer's weights: cheap even for a large model (one matrix),
-    and it changes when the teacher is retrained."""
-    head = model.get_output_embeddings()
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    if head is not None and head.weight.numel() and head.weight.device.type != "meta":
-        digest.update(head.weight.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def check_same_tokenizer(
