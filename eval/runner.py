@@ -130,6 +130,7 @@ def evaluate_task(
     ks: Sequence[int] = (),
     progress: bool = True,
     model_name: str = "",
+    device: str | None = None,
 ) -> dict:
     """Generate (skipping examples already in the cache), grade, and return the task's scores."""
     settings = {
@@ -163,6 +164,7 @@ def evaluate_task(
             progress=progress,
             desc=task.name,
             on_prompt_done=save,
+            device=device,
         )
 
     correct, answer_keys, by_subset = [], [], defaultdict(list)
@@ -334,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ks=ks,
             progress=not args.no_progress,
             model_name=args.model,
+            device=args.device,
         )
         # Written after every task, so a crash in a later one keeps the finished scores.
         (output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")

@@ -144,7 +144,7 @@ def generate_teacher_targets(
         texts = generate_completions(
             teacher, tokenizer, [dataset[i]["prompt"] for i in mine], max_new_tokens=max_new_tokens,
             temperature=temperature, batch_size=batch_size, seed=seed, progress=state.is_main_process,
-            desc="teacher completions",
+            desc="teacher completions", split_across_processes=False,  # already this rank's share
         )  # fmt: skip
         local = list(zip(mine, (samples[0] for samples in texts)))
     generated = dict(gather_object(local) if state.num_processes > 1 else local)
