@@ -54,11 +54,15 @@ class Llama4VisionRotaryEmbedding(nn.Module):
         return torch.view_as_complex(torch.stack([torch.cos(freqs), torch.sin(freqs)], dim=-1))  # (P+1, 1, D/2)
 
     def _apply(self, fn, recurse: bool = True) -> Llama4VisionRotaryEmbedding:
-        # `.to(torch.bfloat16)` / `.half()` cast complex buffers to the real dtype, dropping the sine half of
-        # the table (the built-in has this bug); rebuild it in complex64 on the buffer's new device instead.
-        super()._apply(fn, recurse)
-        if not self.freqs_ci.is_complex():
-            self.freqs_ci = self._compute_freqs_ci(self.config).to(self.freqs_ci.device)
+        # `.to(torch.bfloat16)` / `.half()` would cast this complex table to the real dtype, dropping its sine half
+        # (the built-in has this bug). Only the device change applies to it: it stays complex64.
+        table = self._buffers.pop("freqs_ci")
+        try:
+            super()._apply(fn, recurse)
+            device = fn(torch.empty(0, device=table.device)).device
+        finally:
+            self._buffers["freqs_ci"] = table
+        self._buffers["freqs_ci"] = table.to(device)
         return self
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 (its reference rebuilt by TRL from the checkpoint path) and DPO, a few steps each, on one device.
 
     python scripts/gpu_smoke.py --device cuda --steps 4 --output_dir outputs/gpu_smoke   # scripts/gpu_smoke.sh
+    python scripts/gpu_smoke.py --dry-run --output_dir /tmp/smoke                      # the same on CPU, 1 step
 
 Prints, per stage, where its sampling / generation and its training ran and how long the stage took, and fails
 if anything ran elsewhere than `--device` (e.g. sampling left on the CPU by `from_pretrained`).
@@ -53,13 +54,16 @@ def stage_args(common: list[str], extra: list[str], config: str, dataclasses: tu
     return TrlParser(dataclasses).parse_args_and_config(argv)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--problems", type=int, default=64, help="train problems per stage")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/gpu_smoke"))
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true", help="CPU, 1 step, 16 problems: checks the script itself")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.device, args.steps, args.problems = "cpu", 1, 16
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU; run with --device cpu (DEVICE=cpu)")
     shutil.rmtree(args.output_dir, ignore_errors=True)  # a smoke run starts clean, it never resumes
