@@ -3,7 +3,8 @@
 transformers' built-in Llama 4 crashes in them ("'MoeCausalLMOutputWithPast' object has no attribute
 'last_hidden_state'"): TRL's fused LM head runs `model.base_model` and expects the backbone's output. Ours
 exposes the backbone as `base_model` for both classes, and the text config's `num_experts` alias feeds TRL's
-MoE auxiliary loss. Each test checks that the requested steps ran, the logged losses are finite, the trained
+MoE auxiliary loss. Trainers that rebuild a reference or teacher from a checkpoint path get our class too
+(`import modeling_llama4` registers it; modeling_llama4/registration.py). Each test checks that the requested steps ran, the logged losses are finite, the trained
 weights moved and the frozen ones (reference, teacher, vision tower on text-only data, LoRA base) did not.
 """
 
@@ -262,7 +263,7 @@ def test_group_relative_rl(trainer_class, config_class, model_class, tokenizer, 
         max_completion_length=8,
         use_vllm=False,
         # beta > 0 makes TRL reload a reference model from `config._name_or_path`, which an in-memory model
-        # lacks (and for a saved checkpoint resolves to transformers' built-in Llama 4; see the report).
+        # lacks; test_rl_with_a_reference_model runs beta > 0 from a checkpoint.
         beta=0.0,
     )
     trainer = trainer_class(
