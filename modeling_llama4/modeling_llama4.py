@@ -344,6 +344,8 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Llama4TextDecoderLayer"]
     _supports_flash_attn = False
     _supports_sdpa = True
+    # Flex attention: CUDA for training and inference; on CPU forward and generation only (equal to SDPA with
+    # padding, tests/test_drop_in.py): torch has no flex backward on CPU, so training there is refused with the fix.
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # data-dependent expert group sizes
@@ -452,6 +454,13 @@ class Llama4TextModel(Llama4PreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
+        if self.config._attn_implementation == "flex_attention" and inputs_embeds.device.type == "cpu":
+            if inputs_embeds.requires_grad:
+                raise ValueError(
+                    "attn_implementation='flex_attention' has no backward pass on CPU (torch "
+                    f"{torch.__version__}): train on CPU with attn_implementation='sdpa' (or 'eager'), or on a GPU. "
+                    "Inference and generate() with flex attention work on CPU."
+                )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)  # chunked layers keep one chunk, NoPE layers all
         if position_ids is None:

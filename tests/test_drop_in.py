@@ -214,3 +214,31 @@ def test_opt_out_variable_skips_the_registration(monkeypatch):
         assert type(AutoConfig.for_model("llama4_text")) is Llama4TextConfig
     finally:
         modeling_llama4.register()
+
+
+@pytest.mark.slow
+def test_flex_attention_on_cpu_matches_sdpa_with_padding_and_refuses_training(monkeypatch):
+    # transformers compiles flex with max-autotune, minutes on this CPU: take its uncompiled path (same masks, same
+    # kernel semantics), the one it uses inside an outer torch.compile.
+    import transformers.integrations.flex_attention as flex_integration
+
+    monkeypatch.setattr(flex_integration, "is_torchdynamo_compiling", lambda: True)
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig(**tiny_text_kwargs(num_hidden_layers=2, attention_chunk_size=8)))
+    input_ids = torch.randint(3, 90, (2, 20))
+    mask = torch.ones_like(input_ids)
+    mask[0, :10] = 0  # left padding covering a whole chunk: fully masked query rows
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model.eval()
+    with torch.no_grad():
+        sdpa = model(input_ids, attention_mask=mask).logits
+        sdpa_tokens = model.generate(input_ids, attention_mask=mask, **kwargs)
+        model.set_attn_implementation("flex_attention")
+        flex = model(input_ids, attention_mask=mask).logits
+        flex_tokens = model.generate(input_ids, attention_mask=mask, **kwargs)
+    assert not flex.isnan().any()
+    torch.testing.assert_close(flex[mask.bool()], sdpa[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert torch.equal(flex_tokens, sdpa_tokens)
+    model.train()
+    with pytest.raises(ValueError, match="no backward pass on CPU.*attn_implementation='sdpa'"):
+        model(input_ids, attention_mask=mask, labels=input_ids)
