@@ -1,4 +1,8 @@
-"""Batched generation for evaluation and RL sampling: chat template, left padding, `model.generate`, decode."""
+"""Batched generation for evaluation and RL sampling: chat template, left padding, `model.generate`, decode.
+
+Runs on the device accelerate (and so the Trainer) uses, and under `accelerate launch` / `torchrun` splits the
+batches across the processes and gathers every completion on every rank, with results identical to one process.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import copy
 from collections.abc import Callable, Sequence
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-__all__ = ["generate_completions", "render_prompts"]
+__all__ = ["generate_completions", "generation_device", "render_prompts"]
 
 Prompt = str | list[dict]
 
@@ -45,6 +51,20 @@ def _generation_config(model, tokenizer, max_new_tokens: int, temperature: float
     return config
 
 
+def generation_device(model, device: str | torch.device | None = None) -> torch.device:
+    """Where to generate: `device` if given; else the accelerator accelerate uses (`PartialState().device`, the
+    Trainer's device, `cuda:<local rank>` under a launcher) for a model still on the CPU where `from_pretrained`
+    left it; else where the model already is. A model dispatched over devices (`device_map`) stays put."""
+    current = next(model.parameters()).device
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        return current
+    if device is not None:
+        return torch.device(device)
+    if current.type == "cpu":
+        return PartialState().device
+    return current
+
+
 @torch.inference_mode()
 def generate_completions(
     model,
@@ -60,6 +80,8 @@ def generate_completions(
     progress: bool = True,
     desc: str = "generating",
     on_prompt_done: Callable[[int, list[str]], None] | None = None,
+    device: str | torch.device | None = None,
+    split_across_processes: bool = True,
 ) -> list[list[str]]:
     """`num_samples` completions for each prompt, decoded without special tokens: `result[i][j]` is sample j of
     prompt i.
@@ -68,7 +90,12 @@ def generate_completions(
     strings are used as is. Greedy when `temperature == 0` (then one generation is copied `num_samples` times, since
     every sample would be the same); otherwise sampling with `temperature` / `top_p`, seeded per batch from `seed`.
     `batch_size` counts sequences per `generate` call (prompts x samples). Prompts are grouped by length and left
-    padded. `on_prompt_done(index, completions)` is called as each prompt finishes, e.g. to write a resumable cache.
+    padded. `on_prompt_done(index, completions)` is called as each prompt finishes, e.g. to write a resumable cache
+    (on the main process only when several run).
+
+    The model is moved to `generation_device(model, device)` first. With several processes (and
+    `split_across_processes`), batch b runs on rank b % num_processes with the seed one process would give it, and
+    each round of batches is gathered on every rank: every rank returns all completions, equal to one process's.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -88,23 +115,39 @@ def generate_completions(
         ids = render_prompts(tokenizer, prompts)
         # Longest first: similar lengths share a batch (less padding), and an out-of-memory error shows up at once.
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        starts = list(range(0, len(order), per_call))
         results: list[list[str] | None] = [None] * len(ids)
-        device = next(model.parameters()).device
-        with tqdm(total=len(ids), desc=desc, disable=not progress, unit="prompt") as bar:
-            for start in range(0, len(order), per_call):
-                batch = order[start : start + per_call]
-                inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
-                if sampled:
-                    torch.manual_seed(seed + start)
-                output = model.generate(**inputs, generation_config=config)
-                new_tokens = output[:, inputs["input_ids"].shape[1] :]
-                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                for k, index in enumerate(batch):
-                    samples = texts[k * num_samples : (k + 1) * num_samples] if sampled else [texts[k]] * num_samples
+        device = generation_device(model, device)
+        if next(model.parameters()).device != device:
+            model.to(device)
+        state = PartialState()
+        ranks = state.num_processes if split_across_processes else 1
+        rank = state.process_index if ranks > 1 else 0
+        report = on_prompt_done if ranks == 1 or state.is_main_process else None
+        with tqdm(total=len(ids), desc=desc, disable=not progress or rank != 0, unit="prompt") as bar:
+            for round_start in range(0, len(starts), ranks):  # one batch per process per round
+                done: list[tuple[int, list[str]]] = []
+                if round_start + rank < len(starts):
+                    start = starts[round_start + rank]
+                    batch = order[start : start + per_call]
+                    inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
+                    if sampled:
+                        torch.manual_seed(seed + start)
+                    output = model.generate(**inputs, generation_config=config)
+                    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+                    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                    for k, index in enumerate(batch):
+                        samples = (
+                            texts[k * num_samples : (k + 1) * num_samples] if sampled else [texts[k]] * num_samples
+                        )
+                        done.append((index, samples))
+                if ranks > 1:
+                    done = gather_object(done)
+                for index, samples in done:
                     results[index] = samples
-                    if on_prompt_done is not None:
-                        on_prompt_done(index, samples)
-                bar.update(len(batch))
+                    if report is not None:
+                        report(index, samples)
+                bar.update(len(done))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = saved
         model.train(was_training)

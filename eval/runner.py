@@ -11,6 +11,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from modeling_llama4.fingerprint import weights_fingerprint
+
 from .files import atomic_path, write_json_atomic, write_text_atomic
 from .generation import generate_completions
 from .grading import aggregate_scores, macro_scores
@@ -132,10 +134,12 @@ def evaluate_task(
     ks: Sequence[int] = (),
     progress: bool = True,
     model_name: str = "",
+    device: str | None = None,
 ) -> dict:
     """Generate (skipping examples already in the cache), grade, and return the task's scores."""
     settings = {
-        "model": model_name,
+        # The weights, not the --model string: a checkpoint retrained at the same path must be regenerated.
+        "model": weights_fingerprint(model),
         "max_new_tokens": max_new_tokens or task.max_new_tokens,
         "num_samples": num_samples,
         "temperature": temperature,
@@ -164,6 +168,7 @@ def evaluate_task(
             progress=progress,
             desc=task.name,
             on_prompt_done=save,
+            device=device,
         )
 
     correct, answer_keys, by_subset = [], [], defaultdict(list)
@@ -381,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ks=ks,
             progress=not args.no_progress,
             model_name=args.model,
+            device=args.device,
         )
         # Written after every task, so a crash in a later one keeps the finished scores.
         write_json_atomic(output_dir / "results.json", results)

@@ -14,6 +14,7 @@ from .modeling_llama4 import (
 )
 from .moe import Llama4TextExperts, Llama4TextMLP, Llama4TextMoe, grouped_matmul
 from .parameters import ParameterCounts, count_parameters
+from .registration import is_registered, register, register_unless_opted_out, unregister
 
 __all__ = [
     "Int4Config",
@@ -40,7 +41,14 @@ __all__ = [
     "metap_group",
     "metap_param_groups",
     "metap_shape",
+    "is_registered",
+    "register",
+    "register_unless_opted_out",
+    "unregister",
 ]
 
 # save_pretrained / push_to_hub write `auto_map` and ship the modeling files (trust_remote_code pulls).
 register_auto_classes()
+# AutoModel* and TRL's reference/teacher loader build these sparse classes for Llama 4 checkpoints
+# (LLAMA4_HF_NO_REGISTER=1 opts out; `unregister()` undoes it). See registration.py.
+register_unless_opted_out()

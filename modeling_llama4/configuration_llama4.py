@@ -8,8 +8,13 @@ other. The subclass adds validation with errors that name the fix, and accepts t
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import re
+from collections.abc import Iterator
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama4.configuration_llama4 import Llama4Config as _BuiltinLlama4Config
 from transformers.models.llama4.configuration_llama4 import Llama4TextConfig as _BuiltinLlama4TextConfig
@@ -56,7 +61,10 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
     metap_base_num_local_experts: int | None = None
     metap_base_intermediate_size_mlp: int | None = None
 
-    def __init__(self, **kwargs: Any) -> None:
+    # The built-in's dataclass fields and defaults, so `inspect.signature` (transformers' model tester, IDEs)
+    # sees every field rather than `**kwargs`.
+    @functools.wraps(_BuiltinLlama4TextConfig.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         tuning = kwargs.get("attn_temperature_tuning")
         if isinstance(tuning, int) and not isinstance(tuning, bool):
             # Meta's Scout config.json ships `"attn_temperature_tuning": 4`; the reference code only tests
@@ -66,25 +74,39 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
                 "(as Meta's reference code does). Set it to true/false to silence this warning."
             )
             kwargs["attn_temperature_tuning"] = bool(tuning)
-        super().__init__(**kwargs)
+        with _readable_field_errors(type(self).__name__):
+            super().__init__(*args, **kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Llama4TextConfig:
         _refuse_other_architectures(cls, config_dict)
-        return super().from_dict(config_dict, **kwargs)
+        # `from_pretrained(path, num_experts_per_tok=9)` sets such kwargs after construction: check again.
+        with _readable_field_errors(cls.__name__):
+            loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).check_fields()
+        return loaded
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        self._check_llama4_fields()
+        self.check_fields()
 
-    def _check_llama4_fields(self) -> None:  # cheap and default-safe, so it runs on construction
+    def check_fields(self) -> None:
+        """Raise a `ValueError` naming the field and the fix for a config the model cannot run.
+
+        Checks only what breaks the model: with an explicit `head_dim` (the built-in default 128), the heads
+        need not divide `hidden_size`. Runs on construction, after `from_pretrained`'s keyword overrides,
+        and when a model is built (so a field changed after construction is caught too)."""
+
         def fail(problem: str, fix: str) -> None:
-            raise ValueError(f"Invalid Llama4TextConfig: {problem}. {fix}")
+            raise ValueError(f"Invalid {type(self).__name__}: {problem}. {fix}")
 
-        if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads != 0:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                fail(f"{name}={getattr(self, name)} must be positive", f"Set {name} to a positive integer.")
+        if self.head_dim % 2:
             fail(
-                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}",
-                "Choose a head count that divides the hidden size (Scout/Maverick: 5120 / 40).",
+                f"head_dim={self.head_dim} is odd",
+                "RoPE rotates pairs of channels: use an even head_dim (128 in the released models).",
             )
         if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads != 0:
             fail(
@@ -127,6 +149,20 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
     def num_experts(self) -> int:
         """Alias of `num_local_experts`, the name TRL and other MoE code read."""
         return self.num_local_experts
+
+
+@contextlib.contextmanager
+def _readable_field_errors(config_name: str) -> Iterator[None]:
+    """Turn the strict dataclass' type error (a multi-line dump) into one naming the field and the fix."""
+    try:
+        yield
+    except StrictDataclassFieldValidationError as error:
+        field = re.search(r"field '([^']+)'", str(error))
+        name = field.group(1) if field else "?"
+        raise ValueError(
+            f"Invalid {config_name}: {name}: {error.__cause__}. Give {name} a value of the type it expects, in "
+            f'config.json or as a keyword argument (a number is written without quotes, e.g. "hidden_size": 64).'
+        ) from error
 
 
 class Llama4VisionConfig(_BuiltinLlama4VisionConfig):

@@ -15,6 +15,7 @@ NoPE layers) are transformers' own `create_chunked_causal_mask`, `create_causal_
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutput, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -291,6 +294,49 @@ def _unreadable_safetensors(name_or_path: str | Path, kwargs: dict) -> list[str]
     return broken
 
 
+# Config fields whose value sets a weight dimension, in the order a mismatch is explained by them.
+_SHAPE_FIELDS = (
+    "num_local_experts",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "intermediate_size_mlp",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+
+
+def _shape_mismatch_message(
+    model: PreTrainedModel, source: str, mismatched: set[tuple[str, tuple[int, ...], tuple[int, ...]]]
+) -> str:
+    """Say which config field makes the model's weights a different shape from the checkpoint's, and the fix."""
+    text = model.config.get_text_config()
+    config_file = Path(source) / "config.json"
+    written = set()
+    if config_file.is_file():  # which fields the checkpoint's config.json really sets (else: defaults)
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        written = set(raw.get("text_config", raw))
+    hints, values, examples = {}, {}, []
+    for key, ckpt_shape, model_shape in sorted(mismatched):
+        examples.append(f"{key}: checkpoint {tuple(ckpt_shape)}, model {tuple(model_shape)}")
+        for ckpt_dim, model_dim in zip(ckpt_shape, model_shape):
+            if ckpt_dim == model_dim:
+                continue
+            field = next((f for f in _SHAPE_FIELDS if getattr(text, f, None) == model_dim), None)
+            if field is not None and field not in hints:
+                origin = "set in the config" if field in written else "the default, as config.json does not set it"
+                hints[field] = f"{field}={model_dim} ({origin}) but the weights have {ckpt_dim}"
+                values[field] = ckpt_dim
+    found = "; ".join(hints.values()) or "the config does not describe these weights"
+    fix = ", ".join(f'"{field}": {value}' for field, value in values.items()) or "the fields that size them"
+    return (
+        f"The weights in {source} do not fit the config: {found}. Set {fix} in config.json (or pass it to "
+        f"from_pretrained). Mismatched: {'; '.join(examples[:3])}{' ...' if len(examples) > 3 else ''}."
+    )
+
+
 class Llama4PreTrainedModel(PreTrainedModel):
     config: Llama4TextConfig
     config_class = Llama4TextConfig
@@ -300,6 +346,8 @@ class Llama4PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Llama4TextDecoderLayer"]
     _supports_flash_attn = False
     _supports_sdpa = True
+    # Flex attention: CUDA for training and inference; on CPU forward and generation only (equal to SDPA with
+    # padding, tests/test_drop_in.py): torch has no flex backward on CPU, so training there is refused with the fix.
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # data-dependent expert group sizes
@@ -324,6 +372,18 @@ class Llama4PreTrainedModel(PreTrainedModel):
                     f"model.safetensors.index.json ({error}). The upload is incomplete: push every shard again."
                 ) from error
             raise
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        # transformers prints a table of reinitialised tensors, then a RuntimeError pointing at it; a wrong or
+        # missing config field (e.g. no `num_local_experts`) should instead be named, with the fix.
+        if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
+            raise ValueError(
+                _shape_mismatch_message(
+                    model, str(load_config.pretrained_model_name_or_path), loading_info.mismatched_keys
+                )
+            )
+        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -350,6 +410,8 @@ class Llama4TextModel(Llama4PreTrainedModel):
     }
 
     def __init__(self, config: Llama4TextConfig) -> None:
+        if isinstance(config, Llama4TextConfig):  # fields set after construction are checked here too
+            config.check_fields()
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
@@ -382,6 +444,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -396,6 +459,13 @@ class Llama4TextModel(Llama4PreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
+        if self.config._attn_implementation == "flex_attention" and inputs_embeds.device.type == "cpu":
+            if inputs_embeds.requires_grad:
+                raise ValueError(
+                    "attn_implementation='flex_attention' has no backward pass on CPU (torch "
+                    f"{torch.__version__}): train on CPU with attn_implementation='sdpa' (or 'eager'), or on a GPU. "
+                    "Inference and generate() with flex attention work on CPU."
+                )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)  # chunked layers keep one chunk, NoPE layers all
         if position_ids is None:
@@ -462,6 +532,7 @@ def add_router_losses(
 
 class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     # Official repos are multimodal (`language_model.model.*`). The built-in reads their text half by
     # setting base_model_prefix="language_model", which names no attribute and breaks TRL; a key
     # mapping (a no-op for text-only checkpoints) does the same with the standard prefix "model".
@@ -491,6 +562,8 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -576,7 +649,8 @@ class Llama4VisionModel(Llama4PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.patch_embedding
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} pixels but this vision config expects "
@@ -588,24 +662,35 @@ class Llama4VisionModel(Llama4PreTrainedModel):
         hidden_states = torch.cat([patches, class_token], dim=1) + self.positional_embedding_vlm  # (N, P+1, D)
         hidden_states = self.model(self.layernorm_pre(hidden_states), self.rotary_embedding(hidden_states))
         hidden_states = self.layernorm_post(hidden_states)[:, :-1]  # drop the class token: (N, P, D)
-        return self.vision_adapter(hidden_states)  # (N, P * ratio^2, vision_output_dim)
+        return BaseModelOutput(last_hidden_state=self.vision_adapter(hidden_states))  # (N, P * ratio^2, out)
 
 
-class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
-    """Early fusion: image features replace the `<|patch|>` token embeddings, then the sparse-MoE text model."""
+class Llama4MultimodalBackbone(Llama4PreTrainedModel):
+    """Image fusion then the text decoder, no LM head: (input_ids, pixel_values) -> `MoeModelOutputWithPast`.
+
+    `Llama4ForConditionalGeneration.model` / `base_model`: what TRL and PEFT run to get `last_hidden_state`
+    (the built-in names no such attribute, which crashes TRL's trainers). Inside the generation model it is
+    built over that model's own submodules and not registered there, so the checkpoint keeps the official
+    layout (`vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`); on its own it saves as
+    `vision_model.*`, `multi_modal_projector.*`, `language_model.*`."""
 
     config: Llama4Config
     config_class = Llama4Config
-    base_model_prefix = "model"
+    base_model_prefix = ""
     input_modalities = ("image", "text")
     _no_split_modules = ["Llama4TextDecoderLayer", "Llama4VisionEncoderLayer"]
 
-    def __init__(self, config: Llama4Config) -> None:
+    def __init__(
+        self,
+        config: Llama4Config,
+        vision_model: Llama4VisionModel | None = None,
+        multi_modal_projector: Llama4MultiModalProjector | None = None,
+        language_model: Llama4TextModel | None = None,
+    ) -> None:
         super().__init__(config)
-        self.vision_model = Llama4VisionModel(config.vision_config)
-        self.multi_modal_projector = Llama4MultiModalProjector(config)
-        self.language_model = Llama4ForCausalLM(config.text_config)
-        self.vocab_size = config.text_config.vocab_size
+        self.vision_model = vision_model or Llama4VisionModel(config.vision_config)
+        self.multi_modal_projector = multi_modal_projector or Llama4MultiModalProjector(config)
+        self.language_model = language_model or Llama4TextModel(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -614,28 +699,11 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
-
-    def get_decoder(self) -> nn.Module:
-        return self.language_model.get_decoder()
-
-    def set_decoder(self, decoder: nn.Module) -> None:
-        self.language_model.set_decoder(decoder)
-
-    @property
-    def model(self) -> Llama4MultimodalBackbone:
-        """The backbone (image fusion + text decoder, no LM head), as `base_model`: what TRL and PEFT run to
-        get `last_hidden_state`. The built-in names no such attribute, which crashes TRL's trainers."""
-        return Llama4MultimodalBackbone(self)
-
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N tiles, 3, S, S) -> (N * tokens_per_tile, text hidden): what replaces the `<|patch|>` embeddings."""
-        image_features = self.vision_model(pixel_values)
-        return self.multi_modal_projector(image_features.reshape(-1, image_features.shape[-1]))
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
+        """(N tiles, 3, S, S) -> the vision tower's output, `last_hidden_state` (N, tokens_per_tile, vision_output_dim),
+        before the projector (as the built-in)."""
+        return self.vision_model(pixel_values, **kwargs)
 
     def fuse_images(
         self,
@@ -672,7 +740,9 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
                 f"image features) but the prompt has 0 image tokens (<|patch|>, id {image_token_id}). Build prompts "
                 "with Llama4Processor or apply_chat_template with an image entry, which insert the tokens."
             )
-        image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
+        features = self.get_image_features(pixel_values).last_hidden_state  # (N, tokens_per_tile, vision_out)
+        image_features = self.multi_modal_projector(features.reshape(-1, features.shape[-1]))  # (N * tokens, H)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         if num_image_tokens != image_features.shape[0]:
             raise ValueError(
                 f"The prompt has {num_image_tokens} image tokens (<|patch|>, id {image_token_id}) but the images give "
@@ -681,6 +751,76 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
             )
         return inputs_embeds.masked_scatter(is_image_token.unsqueeze(-1), image_features)
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        inputs_embeds = self.fuse_images(input_ids, inputs_embeds, pixel_values, cache)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
+    """Early fusion: image features replace the `<|patch|>` token embeddings, then the sparse-MoE text model."""
+
+    config: Llama4Config
+    config_class = Llama4Config
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["Llama4TextDecoderLayer", "Llama4VisionEncoderLayer"]
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: Llama4Config) -> None:
+        super().__init__(config)
+        self.vision_model = Llama4VisionModel(config.vision_config)
+        self.multi_modal_projector = Llama4MultiModalProjector(config)
+        self.language_model = Llama4ForCausalLM(config.text_config)
+        self.vocab_size = config.text_config.vocab_size
+        # Built once over the modules above and kept out of `_modules`: no duplicate state-dict keys.
+        self.__dict__["model"] = Llama4MultimodalBackbone(
+            config, self.vision_model, self.multi_modal_projector, self.language_model.model
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.language_model.set_decoder(decoder)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
+        """The vision tower's output for (N tiles, 3, S, S), as the built-in (`return_dict=False`: a tuple)."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -709,50 +849,6 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
             **kwargs,
         )
         return self.language_model.logits_and_losses(outputs, labels, attention_mask, logits_to_keep, **kwargs)
-
-
-class Llama4MultimodalBackbone(nn.Module):
-    """Image fusion then the text decoder: (input_ids, pixel_values) -> `MoeModelOutputWithPast`.
-
-    A view over a `Llama4ForConditionalGeneration`: it registers no parameters, so the checkpoint keeps
-    the official layout (`vision_model.*`, `multi_modal_projector.*`, `language_model.*`)."""
-
-    def __init__(self, owner: Llama4ForConditionalGeneration) -> None:
-        super().__init__()
-        self.__dict__["owner"] = owner  # not a registered submodule: no duplicate parameters
-        self.config = owner.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.owner.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.owner.device
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.owner.get_input_embeddings()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ) -> MoeModelOutputWithPast:
-        inputs_embeds = self.owner.fuse_images(input_ids, inputs_embeds, pixel_values, cache)
-        return self.owner.language_model.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            **kwargs,
-        )
 
 
 __all__ = [

@@ -53,6 +53,18 @@ class Llama4VisionRotaryEmbedding(nn.Module):
         freqs = freqs.masked_fill(patch_index.reshape(-1, 1, 1) < 0, 0)
         return torch.view_as_complex(torch.stack([torch.cos(freqs), torch.sin(freqs)], dim=-1))  # (P+1, 1, D/2)
 
+    def _apply(self, fn, recurse: bool = True) -> Llama4VisionRotaryEmbedding:
+        # `.to(torch.bfloat16)` / `.half()` would cast this complex table to the real dtype, dropping its sine half
+        # (the built-in has this bug). Only the device change applies to it: it stays complex64.
+        table = self._buffers.pop("freqs_ci")
+        try:
+            super()._apply(fn, recurse)
+            device = fn(torch.empty(0, device=table.device)).device
+        finally:
+            self._buffers["freqs_ci"] = table
+        self._buffers["freqs_ci"] = table.to(device)
+        return self
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.freqs_ci.to(hidden_states.device)
 

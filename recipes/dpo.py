@@ -66,8 +66,8 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         )
     defer_hub_push(training_args)
     peft_config = peft_config_for(model_args, model)
-    # TRL would rebuild the reference from the checkpoint path with transformers' built-in class (see tests):
-    # hand it a frozen copy of our starting policy instead (not needed with PEFT: adapters off is the reference).
+    # A frozen copy of the starting policy: no second load from disk, and it works for a policy built from scratch
+    # (no path to reload). Not needed with PEFT: adapters off is the reference.
     ref_model = None if peft_config is not None else copy.deepcopy(model).eval().requires_grad_(False)
     trainer = metap_trainer(DPOTrainer, script_args.metap)(
         model=model,

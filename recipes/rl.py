@@ -17,21 +17,18 @@ and draw counter are saved in every checkpoint.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
-from transformers import PreTrainedModel
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer import grpo_trainer
+
+import modeling_llama4  # noqa: F401  (registers our classes for the reference GRPO reloads with beta > 0)
 
 from .common import write_json_atomic
 
@@ -105,32 +102,15 @@ class PromptStats:
 _LEFT_PADDED = {"prompt_ids", "prompt_mask"}
 
 
-@contextmanager
-def _reference_loaded_as(model_class: type[PreTrainedModel] | None) -> Iterator[None]:
-    """With `beta > 0` GRPOTrainer loads the reference model from the policy's path with `AutoModelForCausalLM`,
-    which picks transformers' built-in Llama 4 even for our checkpoints, and its fused log-prob forward then fails
-    (`base_model_prefix` "language_model" names no attribute of the built-in class). While the trainer is built,
-    have that one load use the policy's own class instead, so the reference is loaded once, in our class."""
-    if model_class is None:
-        yield
-        return
-    original = grpo_trainer.create_model_from_path
-    grpo_trainer.create_model_from_path = functools.partial(original, architecture=model_class)
-    try:
-        yield
-    finally:
-        grpo_trainer.create_model_from_path = original
-
-
 class OnlineRLTrainer(GRPOTrainer):
     """`GRPOTrainer` with hard-prompt sampling, zero-variance group filtering and a difficulty curriculum."""
 
     def __init__(self, *args, train_dataset: Dataset, **kwargs):
         if "prompt_index" not in train_dataset.column_names:
             train_dataset = train_dataset.add_column("prompt_index", list(range(len(train_dataset))))
-        model = kwargs.get("model", args[0] if args else None)
-        with _reference_loaded_as(type(model) if isinstance(model, PreTrainedModel) else None):
-            super().__init__(*args, train_dataset=train_dataset, **kwargs)
+        # With beta > 0 GRPO reloads the reference from the policy's path; importing modeling_llama4 makes that
+        # load build our sparse class (modeling_llama4/registration.py).
+        super().__init__(*args, train_dataset=train_dataset, **kwargs)
         if self.ref_model is not None:  # frozen: TRL only runs it under no_grad, but leaves it trainable
             self.accelerator.unwrap_model(self.ref_model).requires_grad_(False)
         config: OnlineRLConfig = self.args

@@ -4,6 +4,10 @@ The judge filter (SFT) and the preference-pair builder (DPO) both need k sampled
 cached per chunk of prompts, under a key made of the model's weights and the sampling settings: a re-run, or a run
 killed half-way, never regenerates a finished chunk and gets exactly the samples a single pass would have drawn
 (each chunk has its own seed).
+
+Generation runs on the accelerator accelerate uses and, under a multi-process launcher, every process generates a
+share of each chunk and receives all of it (`eval.generation.generate_completions`); the main process writes the
+cache. Every rank returns the same samples as a single process would.
 """
 
 from __future__ import annotations
@@ -13,21 +17,13 @@ import json
 import os
 from pathlib import Path
 
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from eval.generation import generate_completions
+from modeling_llama4.fingerprint import weights_fingerprint
 
 from .common import write_json_atomic
-
-
-def model_fingerprint(model) -> str:
-    """A short hash of the weights, so a cache never serves one model's samples for another."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().float().flatten()
-        digest.update(name.encode())
-        digest.update(f"{tuple(tensor.shape)}{flat[:64].tolist()}{flat.sum().item():.6e}".encode())
-    return digest.hexdigest()[:16]
 
 
 def cached_samples(
@@ -46,7 +42,7 @@ def cached_samples(
 ) -> list[list[str]]:
     """`num_samples` sampled completions per prompt (`result[i][j]`), cached under `cache_dir`."""
     settings = {
-        "model": model_fingerprint(model),
+        "model": weights_fingerprint(model),
         "num_samples": num_samples,
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
@@ -55,10 +51,12 @@ def cached_samples(
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / key
-    write_json_atomic(folder / "settings.json", settings)
+    main_process = PartialState().is_main_process
+    if main_process:
+        write_json_atomic(folder / "settings.json", settings)
     samples: list[list[str]] = []
     starts = range(0, len(prompts), chunk_size)
-    for chunk_index, start in enumerate(tqdm(starts, desc=desc, unit="chunk")):
+    for chunk_index, start in enumerate(tqdm(starts, desc=desc, unit="chunk", disable=not main_process)):
         chunk = prompts[start : start + chunk_size]
         fingerprint = hashlib.sha256(json.dumps(chunk, sort_keys=True).encode()).hexdigest()[:16]
         path = folder / f"chunk-{chunk_index:05d}-{fingerprint}.json"
@@ -69,6 +67,7 @@ def cached_samples(
             model, tokenizer, chunk, max_new_tokens=max_new_tokens, num_samples=num_samples,
             temperature=temperature, batch_size=batch_size, seed=seed + 1_000_003 * chunk_index, progress=False,
         )  # fmt: skip
-        write_json_atomic(path, {"samples": outputs})
+        if main_process:
+            write_json_atomic(path, {"samples": outputs})
         samples.extend(outputs)
     return samples

@@ -1,10 +1,12 @@
+import inspect
 import json
 import logging
 
 import pytest
+import torch
 import transformers
 
-from modeling_llama4 import Llama4TextConfig
+from modeling_llama4 import Llama4Config, Llama4ForCausalLM, Llama4TextConfig, Llama4VisionConfig
 
 from conftest import tiny_text_kwargs
 
@@ -13,7 +15,7 @@ from conftest import tiny_text_kwargs
     ("overrides", "message"),
     [
         ({"num_experts_per_tok": 5}, "num_experts_per_tok=5 is outside 1..num_local_experts=4"),
-        ({"num_attention_heads": 6}, "num_attention_heads=6 does not divide hidden_size=64"),
+        ({"head_dim": 15}, "head_dim=15 is odd"),
         ({"num_key_value_heads": 3}, "num_key_value_heads=3 does not divide num_attention_heads=4"),
         ({"attention_chunk_size": 0}, "attention_chunk_size=0 must be positive"),
         ({"moe_layers": [1, 7]}, r"moe_layers \[7\] are out of range for num_hidden_layers=4"),
@@ -49,3 +51,90 @@ def test_config_round_trips_with_builtin(tmp_path):
         assert getattr(builtin, field) == getattr(ours, field)
     assert ours.model_type == builtin.model_type == "llama4_text"
     assert ours.num_experts == ours.num_local_experts == 4
+
+
+@pytest.mark.parametrize(
+    ("ours", "builtin"),
+    [
+        (Llama4TextConfig, transformers.Llama4TextConfig),
+        (Llama4VisionConfig, transformers.Llama4VisionConfig),
+        (Llama4Config, transformers.Llama4Config),
+    ],
+)
+def test_signature_names_the_builtin_fields_and_defaults(ours, builtin):
+    # transformers' model tester builds configs from `inspect.signature`; `**kwargs` gave it a Scout-sized model.
+    ours_params = inspect.signature(ours).parameters
+    builtin_params = inspect.signature(builtin).parameters
+    for name, param in builtin_params.items():
+        assert name in ours_params, name
+        assert ours_params[name].default == param.default, name
+
+
+def test_config_built_from_its_signature_is_small():
+    params = inspect.signature(Llama4TextConfig).parameters
+    assert params["hidden_size"].default == 5120 and params["num_local_experts"].default == 16
+    kwargs = {name: 2 for name in ("num_hidden_layers", "num_local_experts") if name in params}
+    config = Llama4TextConfig(hidden_size=32, intermediate_size=16, intermediate_size_mlp=32, vocab_size=99,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, **kwargs)  # fmt: skip
+    assert (config.hidden_size, config.num_hidden_layers, config.num_local_experts) == (32, 2, 2)
+
+
+def test_explicit_head_dim_lets_heads_not_divide_hidden_size():
+    # The shape transformers' own Llama 4 tester uses: 40 heads of 8 channels on a 32-wide model.
+    kwargs = tiny_text_kwargs(hidden_size=32, num_attention_heads=40, num_key_value_heads=8, head_dim=8)
+    builtin_config = transformers.Llama4TextConfig(**kwargs)  # the built-in accepts it
+    ours = Llama4ForCausalLM(Llama4TextConfig(**kwargs)).eval()
+    builtin = transformers.Llama4ForCausalLM(builtin_config).eval()
+    builtin.load_state_dict(ours.state_dict())
+    input_ids = torch.randint(3, kwargs["vocab_size"], (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids).logits, builtin(input_ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def saved_tiny(tmp_path):
+    Llama4ForCausalLM(Llama4TextConfig(**tiny_text_kwargs())).save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok=9 is outside 1..num_local_experts=4"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads=3 does not divide num_attention_heads=4"),
+        ({"hidden_size": "64"}, "hidden_size: .*expected int, got str.*without quotes"),
+    ],
+)
+def test_from_pretrained_keyword_overrides_are_validated(saved_tiny, overrides, message):
+    # Keyword overrides are set after the config is built; they must meet the same checks.
+    with pytest.raises(ValueError, match=message):
+        Llama4ForCausalLM.from_pretrained(saved_tiny, **overrides)
+    with pytest.raises(ValueError, match=message):
+        Llama4TextConfig.from_pretrained(saved_tiny, **overrides)
+
+
+def test_string_number_in_config_json_names_the_field(saved_tiny):
+    raw = json.loads((saved_tiny / "config.json").read_text())
+    raw["hidden_size"] = "64"
+    (saved_tiny / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"Invalid Llama4TextConfig: hidden_size: .*got str.*\"hidden_size\": 64"):
+        Llama4ForCausalLM.from_pretrained(saved_tiny)
+
+
+def test_missing_expert_count_names_the_field_and_the_fix(saved_tiny):
+    raw = json.loads((saved_tiny / "config.json").read_text())
+    del raw["num_local_experts"]  # the model is then built with the default 16 experts, the weights have 4
+    (saved_tiny / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError) as error:
+        Llama4ForCausalLM.from_pretrained(saved_tiny)
+    message = str(error.value)
+    assert "num_local_experts=16 (the default, as config.json does not set it) but the weights have 4" in message
+    assert 'Set "num_local_experts": 4 in config.json' in message
+    assert "LOAD REPORT" not in message
+
+
+def test_field_changed_after_construction_is_checked_when_the_model_is_built():
+    config = Llama4TextConfig(**tiny_text_kwargs())
+    config.num_experts_per_tok = 9
+    with pytest.raises(ValueError, match="num_experts_per_tok=9 is outside 1..num_local_experts=4"):
+        Llama4ForCausalLM(config)

@@ -3,7 +3,8 @@
 transformers' built-in Llama 4 crashes in them ("'MoeCausalLMOutputWithPast' object has no attribute
 'last_hidden_state'"): TRL's fused LM head runs `model.base_model` and expects the backbone's output. Ours
 exposes the backbone as `base_model` for both classes, and the text config's `num_experts` alias feeds TRL's
-MoE auxiliary loss. Each test checks that the requested steps ran, the logged losses are finite, the trained
+MoE auxiliary loss. Trainers that rebuild a reference or teacher from a checkpoint path get our class too
+(`import modeling_llama4` registers it; modeling_llama4/registration.py). Each test checks that the requested steps ran, the logged losses are finite, the trained
 weights moved and the frozen ones (reference, teacher, vision tower on text-only data, LoRA base) did not.
 """
 
@@ -262,7 +263,7 @@ def test_group_relative_rl(trainer_class, config_class, model_class, tokenizer, 
         max_completion_length=8,
         use_vllm=False,
         # beta > 0 makes TRL reload a reference model from `config._name_or_path`, which an in-memory model
-        # lacks (and for a saved checkpoint resolves to transformers' built-in Llama 4; see the report).
+        # lacks; test_rl_with_a_reference_model runs beta > 0 from a checkpoint.
         beta=0.0,
     )
     trainer = trainer_class(
@@ -291,6 +292,7 @@ def test_online_dpo(model_class, tokenizer, tmp_path):
         train_dataset=prompt_dataset(),
         processing_class=tokenizer,
     )
+    assert type(trainer.ref_model) is model_class
     ref_before = snapshot(trainer.ref_model)  # TRL copies the policy as its reference
     trainer.train()
     step_logs = assert_trained(trainer)
@@ -333,18 +335,104 @@ def test_gkd(model_class, tokenizer, tmp_path):
     assert_frozen(teacher, teacher_before)
 
 
-# ------------------------------------------------------------------------------------------ known TRL limitation
+# --------------------------------------------- trainers that build their own reference or teacher from a path
+# With `modeling_llama4` imported (see registration.py), the reference / teacher TRL loads from a Llama 4
+# checkpoint is our sparse class, so the trainers need our model and nothing else: no ref_model, no beta=0.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "TRL's create_model_from_path (trl/trainer/utils.py:1355) looks config.architectures[0] up in the "
-        "transformers namespace before consulting auto_map, even with trust_remote_code=True, so the reference "
-        "model it reloads from a saved Llama 4 checkpoint (GRPO/RLOO with beta > 0, DPO/KTO without ref_model) "
-        "is transformers' built-in class, which crashes in the fused LM head. Pass ref_model, use PEFT or beta=0."
-    ),
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    for model_class in (Llama4ForCausalLM, Llama4ForConditionalGeneration):
+        make_model(model_class).save_pretrained(root / model_class.__name__)
+    return root
+
+
+def load_saved(checkpoints, model_class):
+    return model_class.from_pretrained(checkpoints / model_class.__name__)
+
+
+def assert_ours(trainer, model) -> None:
+    model = trainer.accelerator.unwrap_model(model)
+    assert type(model) in (Llama4ForCausalLM, Llama4ForConditionalGeneration), type(model)
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES)
+def test_dpo_without_ref_model(model_class, checkpoints, tokenizer, tmp_path):
+    dataset = Dataset.from_list(
+        [{"prompt": question(a, b), "chosen": answer(a + b), "rejected": answer(a + b + 1)} for a, b in SUMS]
+    )
+    model = load_saved(checkpoints, model_class)
+    args = training_args(trl.DPOConfig, tmp_path, max_length=64)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    assert type(trainer.accelerator.unwrap_model(trainer.ref_model)) is model_class
+    ref_before = snapshot(trainer.ref_model)
+    trainer.train()
+    step_logs = assert_trained(trainer)
+    assert step_logs[0]["loss"] == pytest.approx(math.log(2), abs=0.01)  # the reference has the policy's weights
+    assert_frozen(trainer.ref_model, ref_before)
+
+
+def test_kto_without_ref_model(checkpoints, tokenizer, tmp_path):
+    rows = [{"prompt": question(a, b), "completion": answer(a + b + (i % 2)), "label": i % 2 == 0}
+            for i, (a, b) in enumerate(SUMS)]  # fmt: skip
+    model = load_saved(checkpoints, Llama4ForCausalLM)
+    args = training_args(trl.KTOConfig, tmp_path, max_length=64)
+    trainer = trl.KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    assert_ours(trainer, trainer.ref_model)
+    trainer.train()
+    assert_trained(trainer)
+
+
+@pytest.mark.parametrize(
+    ("trainer_class", "config_class", "beta"),
+    [
+        pytest.param(trl.RLOOTrainer, trl.RLOOConfig, None, id="rloo-default-beta"),
+        pytest.param(trl.GRPOTrainer, trl.GRPOConfig, 0.04, id="grpo-beta"),
+    ],
 )
+def test_rl_with_a_reference_model(trainer_class, config_class, beta, checkpoints, tokenizer, tmp_path):
+    model = load_saved(checkpoints, Llama4ForCausalLM)
+    extra = {} if beta is None else {"beta": beta}
+    args = training_args(config_class, tmp_path, num_generations=2, max_completion_length=8, use_vllm=False, **extra)
+    assert args.beta > 0
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=has_digit_reward,
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=tokenizer,
+    )
+    assert_ours(trainer, trainer.ref_model)
+    trainer.train()
+    step_logs = assert_trained(trainer)
+    assert all(math.isfinite(log["kl"]) for log in step_logs)
+
+
+@pytest.mark.parametrize(
+    ("trainer_class", "config_class", "dataset", "extra"),
+    [
+        pytest.param(
+            trl.DistillationTrainer, trl.DistillationConfig, prompt_dataset, {"max_completion_length": 8}, id="distill"
+        ),
+        pytest.param(GKDTrainer, GKDConfig, messages_dataset, {"max_new_tokens": 8, "max_length": 64}, id="gkd"),
+    ],
+)
+def test_distillation_with_a_teacher_path(
+    trainer_class, config_class, dataset, extra, checkpoints, tokenizer, tmp_path
+):
+    model = make_model(Llama4ForCausalLM)
+    args = training_args(config_class, tmp_path, **extra)
+    teacher_path = str(checkpoints / "Llama4ForCausalLM")
+    trainer = trainer_class(
+        model=model, teacher_model=teacher_path, args=args, train_dataset=dataset(), processing_class=tokenizer
+    )
+    assert_ours(trainer, trainer.teacher_model)
+    trainer.train()
+    assert_trained(trainer)
+
+
 @pytest.mark.parametrize("model_class", MODEL_CLASSES)
 def test_reference_model_reloaded_from_a_checkpoint_is_ours(model_class, tokenizer, tmp_path):
     make_model(model_class).save_pretrained(tmp_path / "checkpoint")  # writes auto_map and our modeling files
@@ -365,6 +453,6 @@ def test_reference_model_reloaded_from_a_checkpoint_is_ours(model_class, tokeniz
         train_dataset=prompt_dataset(),
         processing_class=tokenizer,
     )
-    assert not type(trainer.ref_model).__module__.startswith("transformers.models.")
+    assert type(trainer.ref_model) is model_class
     trainer.train()
     assert_trained(trainer, max_steps=1)

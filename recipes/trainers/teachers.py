@@ -45,6 +45,7 @@ from eval.files import atomic_path, write_json_atomic
 from eval.generation import generate_completions
 from eval.grading import math_answer_correct
 from eval.loading import load_causal_lm
+from modeling_llama4.fingerprint import weights_fingerprint as teacher_fingerprint  # the project's one fingerprint
 
 FORMAT_VERSION = 2
 METADATA = "metadata.json"
@@ -75,16 +76,6 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     special = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items()) if name != "pad_token"}
     text = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def teacher_fingerprint(model: PreTrainedModel) -> str:
-    """A hash of the teacher's config and its output layer's weights: cheap even for a large model (one matrix),
-    and it changes when the teacher is retrained."""
-    head = model.get_output_embeddings()
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    if head is not None and head.weight.numel() and head.weight.device.type != "meta":
-        digest.update(head.weight.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def check_same_tokenizer(
@@ -156,7 +147,7 @@ def generate_teacher_targets(
         texts = generate_completions(
             teacher, tokenizer, [dataset[i]["prompt"] for i in mine], max_new_tokens=max_new_tokens,
             temperature=temperature, batch_size=batch_size, seed=seed, progress=state.is_main_process,
-            desc="teacher completions",
+            desc="teacher completions", split_across_processes=False,  # already this rank's share
         )  # fmt: skip
         local = list(zip(mine, (samples[0] for samples in texts)))
     generated = dict(gather_object(local) if state.num_processes > 1 else local)
