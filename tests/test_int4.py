@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import modeling_llama4
 from modeling_llama4 import (
     Int4Config,
     Llama4Config,
@@ -412,8 +413,13 @@ def test_remote_code_copy_loads_int4_next_to_the_package_and_builtin_is_refused(
     ids = torch.randint(3, 96, (1, 8))
     expected = logits(quantized, ids)
     quantized.save_pretrained(tmp_path / "int4")
-    # the remote-code classes are other classes than the package's, in the same process
-    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "int4", trust_remote_code=True)
+    # the remote-code classes are other classes than the package's, in the same process; the package's own
+    # registration would win over remote code (transformers prefers explicitly registered classes), so lift it
+    modeling_llama4.unregister()
+    try:
+        remote = AutoModelForCausalLM.from_pretrained(tmp_path / "int4", trust_remote_code=True)
+    finally:
+        modeling_llama4.register()
     assert type(remote).__module__.startswith("transformers_modules.")
     assert type(remote.model.layers[0].feed_forward.experts).__name__ == "Int4TextExperts"
     assert torch.equal(logits(remote, ids), expected)
