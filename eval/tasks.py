@@ -12,6 +12,9 @@ Sources: the Hugging Face Hub by default, or `--data_dir` with offline copies in
                                               answer), or OpenAI MMMLU's columns (Question, A..D, Answer)
     DATA_DIR/bbh/<task>.json                  BIG-Bench Hard as in its repository: {"examples": [{"input",
                                               "target"}, ...]}, one file per task (Hub: lukaemon/bbh)
+    DATA_DIR/bbh/cot-prompts/<task>.txt       BBH's 3-shot CoT prompts (the repository's cot-prompts/), which
+                                              the `bbh` task needs and this package does not include; a clone
+                                              of the repository as DATA_DIR (cot-prompts/ at its top) works too
 
 Adding a benchmark is one `Task(...)` passed to `register_task` (plus a metric module in eval/metrics/ when it
 needs a new grader); the runner, the cache, results.json/.md and the plot pick it up from the registry.
@@ -51,6 +54,7 @@ __all__ = [
     "Task",
     "chat_examples",
     "get_task",
+    "read_bbh_cot_prompt",
     "read_bbh_json",
     "register_task",
 ]
@@ -72,6 +76,9 @@ class DataSource:
     gpqa_password: str = GPQA_ZIP_PASSWORD
     languages: tuple[str, ...] | None = None  # MGSM / Global-MMLU languages; None: the task's default set
     seed: int = 0  # GPQA choice shuffling
+    # BBH's cot-prompts/ folder; None: DATA_DIR/bbh/cot-prompts or DATA_DIR/cot-prompts. Set it to take the 3-shot
+    # prompts from a folder while the data comes from the Hub (no data_dir).
+    bbh_prompt_dir: Path | None = None
 
 
 @dataclass
@@ -426,9 +433,12 @@ def _load_synthetic(source: DataSource) -> list[Example]:
 # BIG-Bench Hard
 # ---------------------------------------------------------------------------------------------------------------
 
-# The 3-shot chain-of-thought prompts of the BBH repository (github.com/suzgunmirac/BIG-Bench-Hard, MIT license,
-# copied unchanged with its LICENSE), shipped so that the standard prompts need no download.
-BBH_PROMPT_DIR = Path(__file__).parent / "bbh_cot_prompts"
+BBH_REPOSITORY = "github.com/suzgunmirac/BIG-Bench-Hard"
+BBH_PROMPT_LAYOUT = "bbh/cot-prompts/<task>.txt"
+_BBH_LAYOUT = "bbh/<task>.json (the BBH repository's files)"
+# Zero-shot without the repository's prompt files: our own neutral task line (the family hint below says what
+# form the answer takes).
+BBH_ZEROSHOT_DESCRIPTION = "Answer the following question."
 _BBH_BINARY_HINT = {
     "boolean_expressions": "True or False",
     "formal_fallacies": "valid or invalid",
@@ -442,29 +452,69 @@ _BBH_HINT = {
 }
 
 
-def bbh_cot_prompt(task: str) -> tuple[str, list[tuple[str, str]]]:
-    """(task description, [(question, chain-of-thought answer)] x 3) of a task's standard CoT prompt."""
-    path = BBH_PROMPT_DIR / f"{task}.txt"
-    if not path.exists():
-        raise DataUnavailableError(f"{path} not found: the package ships one CoT prompt per BBH task")
-    text = path.read_text(encoding="utf-8").split("-----\n", 1)[-1].strip()  # drop the canary line
+def bbh_prompt_folders(source: DataSource) -> list[Path]:
+    """Where the BBH prompt files are looked for, in order: `source.bbh_prompt_dir` alone when set, else
+    DATA_DIR/bbh/cot-prompts then DATA_DIR/cot-prompts (the repository's own layout); none without a data_dir."""
+    if source.bbh_prompt_dir is not None:
+        return [source.bbh_prompt_dir]
+    if source.data_dir is None:
+        return []
+    return [source.data_dir / "bbh" / "cot-prompts", source.data_dir / "cot-prompts"]
+
+
+def bbh_prompt_path(source: DataSource, task: str) -> Path | None:
+    """The task's prompt file in the first of `bbh_prompt_folders` that has it, or None."""
+    return next((p for p in (f / f"{task}.txt" for f in bbh_prompt_folders(source)) if p.is_file()), None)
+
+
+def _missing_prompt_error(source: DataSource, task: str) -> DataUnavailableError:
+    fix = (
+        f"The standard 3-shot prompts are BBH's cot-prompts/<task>.txt, which this package does not include: clone "
+        f"{BBH_REPOSITORY} and pass --data_dir DIR with DIR/{BBH_PROMPT_LAYOUT} (or the clone itself as --data_dir, "
+        "it has bbh/<task>.json and cot-prompts/), or use --tasks bbh_zeroshot, which needs no prompt files."
+    )
+    folders = bbh_prompt_folders(source)
+    if not folders:
+        return DataUnavailableError(f"bbh: no prompt folder, since no --data_dir was given. {fix}")
+    looked = " nor ".join(str(folder / f"{task}.txt") for folder in folders)
+    return DataUnavailableError(
+        f"bbh: neither {looked} exists. {fix}" if len(folders) > 1 else f"bbh: {looked} not found. {fix}"
+    )
+
+
+def read_bbh_cot_prompt(path: Path, shots: int = 3) -> tuple[str, list[tuple[str, str]]]:
+    """(task description, [(question, chain-of-thought answer), ...]) of a prompt file in the BBH repository's
+    format: a canary line, `-----`, the description, then blank-line-separated `Q: ...` / `A: ...` exemplars. Fewer
+    than `shots` exemplars is a `DataUnavailableError` naming the file."""
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    text = text.split("-----\n", 1)[-1].strip()  # drop the canary line
     description, *blocks = re.split(r"\n\n(?=Q: )", text)
-    shots = []
+    exemplars = []
     for block in blocks:
-        question, _, answer = block.removeprefix("Q: ").partition("\nA: ")
-        shots.append((question.strip(), answer.strip()))
-    return description.strip(), shots
+        question, found, answer = block.removeprefix("Q: ").partition("\nA: ")
+        if found:
+            exemplars.append((question.strip(), answer.strip()))
+    if len(exemplars) < shots:
+        raise DataUnavailableError(
+            f'{path}: {len(exemplars)} exemplars, expected {shots} (blocks of "Q: question" then "A: answer", '
+            f"separated by blank lines, as in {BBH_REPOSITORY}'s cot-prompts/)"
+        )
+    return description.strip(), exemplars
 
 
-def bbh_messages(task: str, question: str, shots: int) -> list[dict]:
-    """The chat prompt: the 3 exemplars as earlier user/assistant turns (each answer ends "So the answer is X."),
-    or zero-shot, the task description and an instruction to end the same way."""
-    description, exemplars = bbh_cot_prompt(task)
+def bbh_messages(task: str, question: str, prompt: tuple[str, list[tuple[str, str]]] | None, shots: int) -> list[dict]:
+    """The chat prompt: `shots` exemplars of `prompt` (from `read_bbh_cot_prompt`) as earlier user/assistant turns
+    (each answer ends "So the answer is X."), or zero-shot, the task description (the prompt's, or without a prompt
+    our neutral one) and an instruction to end the same way."""
     if shots == 0:
+        description = prompt[0] if prompt is not None else BBH_ZEROSHOT_DESCRIPTION
         family = BBH_TASKS[task]
         hint = _BBH_BINARY_HINT.get(task, "Yes or No") if family == "binary" else _BBH_HINT[family]
         instruction = f'Think step by step, then end your response with "So the answer is X." where X is {hint}.'
         return [{"role": "user", "content": f"{description}\n\nQ: {question}\n\n{instruction}"}]
+    if prompt is None:
+        raise ValueError(f"{task}: a {shots}-shot prompt needs the task's prompt file")
+    description, exemplars = prompt
     messages = []
     for i, (shot_question, answer) in enumerate(exemplars[:shots]):
         prefix = f"{description}\n\n" if i == 0 else ""
@@ -500,36 +550,52 @@ def read_bbh_json(path: Path) -> list[dict]:
     return data["examples"]
 
 
-def _bbh_rows(source: DataSource) -> dict[str, list[dict]]:
-    layout = "bbh/<task>.json (the BBH repository's files)"
+def _bbh_present_tasks(source: DataSource) -> list[str]:
+    """The tasks to run: all 27 from the Hub, or those with a file under DATA_DIR/bbh (warning about the rest)."""
     if source.data_dir is None:
-        return {task: list(_load_hub_dataset("lukaemon/bbh", task, "test", layout)) for task in BBH_TASKS}
+        return list(BBH_TASKS)
     folder = source.data_dir / "bbh"
     present = [task for task in BBH_TASKS if (folder / f"{task}.json").exists()]
     if not present:
-        raise DataUnavailableError(f"no BBH task files in {folder}: --data_dir must contain {layout}")
+        raise DataUnavailableError(f"no BBH task files in {folder}: --data_dir must contain {_BBH_LAYOUT}")
     missing = [task for task in BBH_TASKS if task not in present]
     if missing:
         warnings.warn(
             f"{folder} has {len(present)} of the 27 BBH tasks (missing: {', '.join(missing)}); "
             "the macro average covers the present ones",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return {task: read_bbh_json(folder / f"{task}.json") for task in present}
+    return present
+
+
+def _bbh_task_rows(source: DataSource, task: str) -> list[dict]:
+    if source.data_dir is None:
+        return list(_load_hub_dataset("lukaemon/bbh", task, "test", _BBH_LAYOUT))
+    return read_bbh_json(source.data_dir / "bbh" / f"{task}.json")
 
 
 def _bbh_loader(shots: int) -> Callable[[DataSource], list[Example]]:
     def load(source: DataSource) -> list[Example]:
+        tasks = _bbh_present_tasks(source)
+        # Every prompt file is read (or found missing) before any data is, so a missing one fails in seconds,
+        # not after 27 downloads.
+        prompts = {}
+        for task in tasks:
+            path = bbh_prompt_path(source, task)
+            if path is not None:
+                prompts[task] = read_bbh_cot_prompt(path, shots)
+            elif shots:
+                raise _missing_prompt_error(source, task)
         return [
             Example(
                 id=f"{task}/{i}",
-                messages=bbh_messages(task, row["input"], shots),
+                messages=bbh_messages(task, row["input"], prompts.get(task), shots),
                 gold=row["target"],
                 subset=task,
                 meta={"input": row["input"]},
             )
-            for task, rows in _bbh_rows(source).items()
-            for i, row in enumerate(rows)
+            for task in tasks
+            for i, row in enumerate(_bbh_task_rows(source, task))
         ]
 
     return load
@@ -545,6 +611,8 @@ def _grade_bbh(output: str, example: Example) -> tuple[bool, Hashable | None]:
 # ---------------------------------------------------------------------------------------------------------------
 
 TASKS: dict[str, Task] = {}
+# One --help entry for both BBH tasks.
+_BBH_HELP_LAYOUT = f"bbh/<task>.json (+ {BBH_PROMPT_LAYOUT}, the 3-shot prompts of {BBH_REPOSITORY}, for bbh)"
 
 
 def register_task(task: Task) -> Task:
@@ -587,7 +655,7 @@ for _task in (
         layout="global_mmlu/<lang>.parquet|.jsonl|.csv",
     ),
     Task("synthetic", _load_synthetic, _grade_math, metric="math_accuracy", max_new_tokens=256),
-    # BBH's standard setting: the 3-shot chain-of-thought prompts.
+    # BBH's standard setting: the 3-shot chain-of-thought prompts (from the user's copy; see bbh_prompt_folders).
     Task(
         "bbh",
         _bbh_loader(shots=3),
@@ -595,7 +663,7 @@ for _task in (
         metric="bbh_accuracy",
         max_new_tokens=1024,
         limit_per_subset=True,
-        layout="bbh/<task>.json",
+        layout=_BBH_HELP_LAYOUT,
         macro_average=True,
     ),
     Task(
@@ -605,7 +673,7 @@ for _task in (
         metric="bbh_accuracy",
         max_new_tokens=1024,
         limit_per_subset=True,
-        layout="bbh/<task>.json",
+        layout=_BBH_HELP_LAYOUT,
         macro_average=True,
     ),
 ):

@@ -1,8 +1,10 @@
-"""BIG-Bench Hard: each answer family's extraction on right and wrong outputs, the shipped 3-shot prompts, the
-offline loader on synthetic fixtures in the original format, its errors, the metric module and the runner."""
+"""BIG-Bench Hard: each answer family's extraction on right and wrong outputs, the 3-shot prompt files (read from
+the user's copy; synthetic ones here), the offline loader on synthetic fixtures in the original formats, its errors,
+zero-shot without prompt files, the metric module and the runner."""
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import evaluate
@@ -10,10 +12,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eval import tasks
 from eval.grading import BBH_TASKS, bbh_answer_correct, bbh_gold_key, extract_bbh_answer, macro_scores
-from eval.tasks import DataSource, DataUnavailableError, bbh_cot_prompt, get_task, read_bbh_json
+from eval.runner import main
+from eval.tasks import (
+    BBH_ZEROSHOT_DESCRIPTION,
+    DataSource,
+    DataUnavailableError,
+    get_task,
+    read_bbh_cot_prompt,
+    read_bbh_json,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+PROMPTS = FIXTURES / "bbh" / "cot-prompts"
 METRIC = Path(__file__).resolve().parents[1] / "eval" / "metrics" / "bbh_accuracy"
 SHUFFLE = "tracking_shuffled_objects_three_objects"
 OPTIONS = "At the end, Claire has the\nOptions:\n(A) red marble\n(B) green marble\n(C) blue marble"
@@ -127,19 +139,26 @@ def test_unknown_task_names_the_27():
         bbh_gold_key("(A)", "bbh_date")
 
 
-def test_shipped_cot_prompts_grade_their_own_answers():
-    # The 27 standard 3-shot prompts: 3 exemplars each, every exemplar answer graded right against the answer it
-    # states, and wrong against another exemplar's different answer.
-    for task in BBH_TASKS:
-        description, shots = bbh_cot_prompt(task)
-        assert description and len(shots) == 3, task
+def test_prompt_files_grade_their_own_answers():
+    # One synthetic prompt file per fixture task, in BBH's cot-prompts format: 3 exemplars each, every exemplar
+    # answer graded right against the answer it states, and wrong against another exemplar's different answer.
+    fixture_tasks = sorted(p.stem for p in (FIXTURES / "bbh").glob("*.json"))
+    assert sorted(p.stem for p in PROMPTS.glob("*.txt")) == fixture_tasks and len(fixture_tasks) == 7
+    for task in fixture_tasks:
+        description, shots = read_bbh_cot_prompt(PROMPTS / f"{task}.txt")
+        assert description and "-----" not in description and "SYNTHETIC" not in description, task
+        assert len(shots) == 3, task
         golds = [re.search(r"So the answer is (.+)\.\s*$", answer).group(1) for _, answer in shots]
+        others = 0
         for (question, answer), gold in zip(shots, golds):
+            assert not question.startswith("Q:") and "\nA: " not in question, task
             assert answer.startswith("Let's think step by step."), task
             assert bbh_answer_correct(answer, gold, task, question), (task, gold)
             other = next((g for g in golds if bbh_gold_key(g, task) != bbh_gold_key(gold, task)), None)
             if other is not None:
+                others += 1
                 assert not bbh_answer_correct(answer, other, task, question), (task, other)
+        assert others, task  # each file's exemplars have at least two different answers
 
 
 def test_offline_loader_reads_the_original_format():
@@ -152,17 +171,128 @@ def test_offline_loader_reads_the_original_format():
     first = by_task[SHUFFLE][0]
     raw = json.loads((FIXTURES / "bbh" / f"{SHUFFLE}.json").read_text())["examples"][0]
     assert first.id == f"{SHUFFLE}/0" and first.gold == raw["target"] == "(A)"
-    # 3-shot: the exemplars as earlier turns, then the question.
-    assert [m["role"] for m in first.messages] == ["user", "assistant"] * 3 + ["user"]
-    assert first.messages[-1]["content"] == f"Q: {raw['input']}"
-    assert first.messages[1]["content"].startswith("Let's think step by step.")
+    # 3-shot: the description and the exemplars of DIR/bbh/cot-prompts/<task>.txt as earlier turns, then the question.
+    description, shots = read_bbh_cot_prompt(PROMPTS / f"{SHUFFLE}.txt")
+    assert first.messages[:-1] == [
+        message
+        for i, (question, answer) in enumerate(shots)
+        for message in (
+            {"role": "user", "content": (f"{description}\n\n" if i == 0 else "") + f"Q: {question}"},
+            {"role": "assistant", "content": answer},
+        )
+    ]
+    assert first.messages[-1] == {"role": "user", "content": f"Q: {raw['input']}"}
     with pytest.warns(UserWarning):
         zero = get_task("bbh_zeroshot").load(DataSource(data_dir=FIXTURES))
     zero_first = next(e for e in zero if e.id == first.id)
-    assert len(zero_first.messages) == 1 and raw["input"] in zero_first.messages[0]["content"]
-    assert zero_first.messages[0]["content"].endswith(
+    # Zero-shot with the prompt file present: its description, the question, the instruction.
+    assert len(zero_first.messages) == 1
+    content = zero_first.messages[0]["content"]
+    assert content.startswith(f"{description}\n\nQ: {raw['input']}\n\n")
+    assert content.endswith(
         '"So the answer is X." where X is the letter of the correct option in parentheses, such as (A).'
     )
+
+
+def _data_only(tmp_path: Path, tasks_: tuple[str, ...] = ("navigate",)) -> Path:
+    # A data_dir with BBH task files and no prompt files (navigate: a task the fixture prompts do not cover).
+    (tmp_path / "bbh").mkdir(parents=True)
+    for task in tasks_:
+        source = FIXTURES / "bbh" / f"{task}.json"
+        if source.exists():
+            shutil.copy(source, tmp_path / "bbh" / source.name)
+        else:
+            rows = [{"input": "Take 2 steps forward, then 2 steps back. Are you where you started?", "target": "Yes"}]
+            (tmp_path / "bbh" / f"{task}.json").write_text(json.dumps({"examples": rows}))
+    return tmp_path
+
+
+def _no_hub(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Hub was asked for data")
+
+    monkeypatch.setattr(tasks, "_load_hub_dataset", refuse)
+
+
+def test_missing_prompt_file_names_the_path_and_the_fix(tmp_path, monkeypatch):
+    _no_hub(monkeypatch)
+    data_dir = _data_only(tmp_path)
+    with pytest.warns(UserWarning), pytest.raises(DataUnavailableError) as error:
+        get_task("bbh").load(DataSource(data_dir=data_dir))
+    message = str(error.value)
+    assert str(data_dir / "bbh" / "cot-prompts" / "navigate.txt") in message
+    assert str(data_dir / "cot-prompts" / "navigate.txt") in message  # the repository's own layout, also looked at
+    assert "github.com/suzgunmirac/BIG-Bench-Hard" in message and "--data_dir DIR" in message
+    assert "--tasks bbh_zeroshot" in message
+    # A prompt folder that lacks one of the tasks names that task's file.
+    (data_dir / "bbh" / "cot-prompts").mkdir()
+    shutil.copy(PROMPTS / "word_sorting.txt", data_dir / "bbh" / "cot-prompts")
+    shutil.copy(FIXTURES / "bbh" / "word_sorting.json", data_dir / "bbh")
+    with pytest.warns(UserWarning), pytest.raises(DataUnavailableError, match=r"cot-prompts/navigate\.txt"):
+        get_task("bbh").load(DataSource(data_dir=data_dir))
+    # From the Hub (no data_dir): fails before any download, with the same fix.
+    with pytest.raises(DataUnavailableError, match=r"no --data_dir was given.*BIG-Bench-Hard.*bbh_zeroshot"):
+        get_task("bbh").load(DataSource())
+
+
+def test_missing_prompts_fail_before_the_model_loads(tmp_path):
+    data_dir = _data_only(tmp_path / "data")
+    argv = ["--model", str(tmp_path / "no_model"), "--data_dir", str(data_dir), "--tasks", "bbh"]
+    with pytest.warns(UserWarning), pytest.raises(SystemExit, match=r"error: bbh: neither .*navigate\.txt"):
+        main([*argv, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_from_a_clone_of_the_repository_and_with_hub_data(tmp_path, monkeypatch):
+    # A clone: bbh/<task>.json and cot-prompts/<task>.txt side by side.
+    clone = _data_only(tmp_path, ("word_sorting",))
+    shutil.copytree(PROMPTS, clone / "cot-prompts")
+    with pytest.warns(UserWarning):
+        (example,) = get_task("bbh").load(DataSource(data_dir=clone))
+    description, shots = read_bbh_cot_prompt(PROMPTS / "word_sorting.txt")
+    assert example.messages[0]["content"] == f"{description}\n\nQ: {shots[0][0]}" and len(example.messages) == 7
+    # Data from the Hub, prompts from a folder: bbh_prompt_dir.
+    rows = {"word_sorting": [{"input": "Sort the following words alphabetically: List: b a", "target": "a b"}]}
+    monkeypatch.setattr(tasks, "BBH_TASKS", {"word_sorting": "words"})
+    monkeypatch.setattr(tasks, "_load_hub_dataset", lambda repo, config, *args: rows[config])
+    (hub_example,) = get_task("bbh").load(DataSource(bbh_prompt_dir=PROMPTS))
+    assert hub_example.messages[:-1] == example.messages[:-1] and hub_example.gold == "a b"
+
+
+def test_zero_shot_needs_no_prompt_files(tmp_path, monkeypatch):
+    _no_hub(monkeypatch)
+    data_dir = _data_only(tmp_path, ("navigate", SHUFFLE, "sports_understanding"))
+    with pytest.warns(UserWarning, match="3 of the 27"):
+        examples = get_task("bbh_zeroshot").load(DataSource(data_dir=data_dir))
+    assert {e.subset for e in examples} == {"navigate", SHUFFLE, "sports_understanding"}
+    for example in examples:
+        (message,) = example.messages
+        assert message["content"].startswith(f"{BBH_ZEROSHOT_DESCRIPTION}\n\nQ: {example.meta['input']}\n\n")
+    hints = {e.subset: e.messages[0]["content"].rsplit("where X is ", 1)[1] for e in examples}
+    assert hints == {"navigate": "Yes or No.", "sports_understanding": "yes or no.",
+                     SHUFFLE: "the letter of the correct option in parentheses, such as (A)."}  # fmt: skip
+    grade = get_task("bbh_zeroshot").grade
+    assert all(grade(f"So the answer is {e.gold}.", e)[0] for e in examples)
+    # From the Hub, without any prompt folder.
+    rows = [{"input": "Take 1 step. Take 1 step back. Are you where you started?", "target": "Yes"}]
+    monkeypatch.setattr(tasks, "BBH_TASKS", {"navigate": "binary"})
+    monkeypatch.setattr(tasks, "_load_hub_dataset", lambda *args: rows)
+    (hub_example,) = get_task("bbh_zeroshot").load(DataSource())
+    assert hub_example.messages[0]["content"].startswith(f"{BBH_ZEROSHOT_DESCRIPTION}\n\nQ: Take 1 step.")
+
+
+def test_malformed_prompt_file_names_the_file(tmp_path):
+    path = tmp_path / "navigate.txt"
+    path.write_text("canary\n-----\nSay whether you return.\n\nQ: Take 1 step.\nA: So the answer is No.\n")
+    with pytest.raises(DataUnavailableError, match=rf"{re.escape(str(path))}: 1 exemplars, expected 3"):
+        read_bbh_cot_prompt(path)
+    assert read_bbh_cot_prompt(path, shots=0) == (
+        "Say whether you return.",
+        [("Take 1 step.", "So the answer is No.")],
+    )
+    # Windows line ends read the same.
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_bbh_cot_prompt(path, shots=1)[1] == [("Take 1 step.", "So the answer is No.")]
 
 
 def test_grading_through_the_task():
@@ -182,8 +312,9 @@ def test_malformed_json_names_file_and_line(tmp_path):
     path.write_text(
         '{\n  "examples": [\n    {"input": "Take 3 steps.", "target": "No"},\n    {"input": "x" "target"}\n]}'
     )
-    with pytest.raises(DataUnavailableError, match=rf"{re.escape(str(path))}:4:"):
-        get_task("bbh").load(DataSource(data_dir=tmp_path))
+    # Zero-shot, which needs no prompt files (the 3-shot task would first ask for navigate.txt).
+    with pytest.warns(UserWarning), pytest.raises(DataUnavailableError, match=rf"{re.escape(str(path))}:4:"):
+        get_task("bbh_zeroshot").load(DataSource(data_dir=tmp_path))
 
 
 def test_example_without_target_names_file_and_line(tmp_path):
