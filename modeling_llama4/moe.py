@@ -8,7 +8,8 @@ shared expert is added unweighted, and the fused weights keep their layout
 
 The routed experts run one of three ways (`Llama4TextExperts.forward`), all with the same result:
 - a handful of assignments (decode steps): each row's expert weights are gathered (`gate_up_proj[idx]`) and
-  multiplied by a batched GEMM. Static shapes, no sort and no host sync, so it compiles in one graph;
+  multiplied by a batched GEMM. Static shapes, no sort and no host sync, so it compiles in one graph (traced on
+  CPU, larger calls gather up to one row per expert and run every expert beyond that);
 - on CPU (Linux, torch's MKL): rows sorted by expert through `cpu_experts.routed_swiglu`, per-expert GEMMs with a
   hand-written backward, split across torch's threads by expert;
 - elsewhere (CUDA, expert parallelism, other platforms): rows sorted by expert and torch's grouped GEMM
@@ -145,6 +146,17 @@ class Llama4TextExperts(nn.Module):
             and available()
         )
 
+    def _path(self, rows: torch.Tensor, num_assignments: int) -> str:
+        """Which way the experts run: "gather" (decode sizes), "sorted" (rows grouped by expert), or "dense"."""
+        if num_assignments <= self.gather_max_assignments:
+            return "gather"
+        traced_grouped_mm = rows.device.type == "cuda" and self.gate_up_proj.dtype == torch.bfloat16
+        if torch.compiler.is_compiling() and not traced_grouped_mm:
+            # Traced graphs need static shapes, and torch's grouped GEMM traces only for CUDA bf16: up to one row
+            # per expert gather, beyond that run every expert on every row (the built-in's cost, no worse).
+            return "dense" if num_assignments > self.num_experts else "gather"
+        return "sorted"
+
     def _gathered(self, rows: torch.Tensor, flat_experts: torch.Tensor) -> torch.Tensor:
         """(M, H) rows, (M,) expert ids -> (M, H), each row through its own expert; foreign ids give 0.
 
@@ -155,6 +167,15 @@ class Llama4TextExperts(nn.Module):
         gate, up = torch.bmm(rows, self.gate_up_proj[experts]).chunk(2, dim=-1)  # (M, 1, I) x2
         out = torch.bmm(up * self.act_fn(gate), self.down_proj[experts]).squeeze(1)  # (M, H)
         return out.masked_fill(~local, 0.0)
+
+    def _dense(self, rows: torch.Tensor, flat_experts: torch.Tensor) -> torch.Tensor:
+        """(M, H) rows, (M,) expert ids -> (M, H): every expert on every row, each row's own expert's output kept."""
+        rows = rows.to(self.gate_up_proj.dtype).expand(self.num_experts, *rows.shape)  # (E, M, H)
+        gate, up = torch.bmm(rows, self.gate_up_proj).chunk(2, dim=-1)  # (E, M, I) x2
+        out = torch.bmm(up * self.act_fn(gate), self.down_proj)  # (E, M, H)
+        local = (flat_experts < self.num_experts).unsqueeze(-1)  # (M, 1)
+        picked = out[flat_experts.clamp(max=self.num_experts - 1), torch.arange(out.shape[1], device=out.device)]
+        return picked.masked_fill(~local, 0.0)  # (M, H)
 
     def _sorted(self, rows: torch.Tensor, flat_experts: torch.Tensor) -> torch.Tensor:
         """(M, H) rows, (M,) expert ids -> (M, H) in the same order: rows grouped by expert, each group by its expert's
@@ -190,8 +211,11 @@ class Llama4TextExperts(nn.Module):
         num_rows, top_k = expert_indices.shape
         flat_experts = expert_indices.reshape(-1)  # (N*k,), row-major: assignment i is row i // k
         rows = hidden_states.repeat_interleave(top_k, dim=0) if top_k > 1 else hidden_states  # (N*k, H)
-        if flat_experts.shape[0] <= self.gather_max_assignments:
+        path = self._path(rows, flat_experts.shape[0])
+        if path == "gather":
             expert_out = self._gathered(rows, flat_experts)  # (N*k, H)
+        elif path == "dense":
+            expert_out = self._dense(rows, flat_experts)  # (N*k, H)
         else:
             expert_out = self._sorted(rows, flat_experts)  # (N*k, H)
         # Llama4TextMoe passes unit weights (its scores went on the input): skip a multiply pass each way.

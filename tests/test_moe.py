@@ -59,22 +59,30 @@ def _experts_config(num_experts: int, top_k: int, hidden: int, intermediate: int
     )
 
 
-PATHS = ["gather", "cpu_kernel", "grouped_mm", "loop"]
+PATHS = ["gather", "dense", "cpu_kernel", "grouped_mm", "loop"]
 # The autograd node each path leaves in the graph (the loop leaves plain matmuls).
-PATH_NODES = {"gather": "BmmBackward0", "cpu_kernel": "_RoutedSwiGLUBackward", "grouped_mm": "GroupedMmBackward0"}
+PATH_NODES = {
+    "gather": "BmmBackward0",
+    "dense": "BmmBackward0",
+    "cpu_kernel": "_RoutedSwiGLUBackward",
+    "grouped_mm": "GroupedMmBackward0",
+}
 
 
 @contextlib.contextmanager
 def forced_path(experts: Llama4TextExperts, path: str):
-    """Run `experts` down one expert path whatever the row count: gathered weights + bmm (decode), the CPU kernel
-    (`cpu_experts.routed_swiglu`), torch's grouped GEMM, or the per-expert loop that the grouped GEMM falls back to."""
+    """Run `experts` down one expert path whatever the row count: gathered weights + bmm (decode), every expert on
+    every row (traced on CPU), the CPU kernel (`cpu_experts.routed_swiglu`), torch's grouped GEMM, or the
+    per-expert loop that the grouped GEMM falls back to."""
     if path == "cpu_kernel" and not cpu_experts.available():
         pytest.skip("the CPU expert kernel's platform hooks are missing here")
-    experts.gather_max_assignments = 10**9 if path == "gather" else 0
+    chosen = path if path in ("gather", "dense") else "sorted"
     experts.use_cpu_kernel = path == "cpu_kernel"
-    with mock.patch.object(moe, "_GROUPED_MM", None) if path == "loop" else contextlib.nullcontext():
+    with (
+        mock.patch.object(experts, "_path", lambda rows, num_assignments: chosen),
+        mock.patch.object(moe, "_GROUPED_MM", None) if path == "loop" else contextlib.nullcontext(),
+    ):
         yield
-    del experts.gather_max_assignments
     experts.use_cpu_kernel = True
 
 
@@ -409,8 +417,8 @@ def test_decode_sizes_gather_expert_weights_without_sorting(monkeypatch):
     block = _seeded_block(num_local_experts=8, num_experts_per_tok=2)
     x = torch.randn(1, block.hidden_dim)
     with torch.no_grad():
-        sorted_out, _ = (lambda: (block.experts.__setattr__("gather_max_assignments", 0), block(x))[1])()
-        del block.experts.gather_max_assignments
+        with forced_path(block.experts, "grouped_mm"):
+            sorted_out, _ = block(x)
 
         def no_sorting(*args, **kwargs):
             raise AssertionError("a decode step sorted its rows by expert")
