@@ -8,7 +8,7 @@ Greedy `generate()` from a 64-token prompt; tokens/s counts new tokens (every ro
 `--new-tokens`). Both models hold the same weights and must produce the same tokens (checked on every row).
 Ours and the built-in alternate repeat by repeat, so a busy machine slows both sides of a ratio alike.
 Prefill: one forward of a long prompt, wall time and peak resident memory above the loaded model, each in a
-fresh subprocess.
+fresh subprocess (Linux: /proc and ru_maxrss). Same weights are not needed there: random init of one model.
 """
 
 from __future__ import annotations
@@ -83,22 +83,28 @@ def generate_rate(
 
 
 _PREFILL_CHILD = """
-import json, resource, sys, time\nimport torch
+import json, resource, sys, time
+import torch
 sys.path[:0] = {paths!r}
-from bench_generate import build_pair
-ours, builtin, kwargs = build_pair("main")
-model = ours if {label!r} == "ours" else builtin
-del ours, builtin
+import transformers
+from bench_generate import shape_kwargs
+from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+kwargs = shape_kwargs("main")
 torch.manual_seed(0)
+if {label!r} == "ours":
+    model = Llama4ForCausalLM(Llama4TextConfig(**kwargs)).eval()
+else:
+    model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**kwargs)).eval()
 ids = torch.randint(3, kwargs["vocab_size"], (1, {length}))
 with torch.inference_mode():
     model(ids[:, :64], use_cache=True)  # warm-up
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/statm") as statm:
+        before = int(statm.read().split()[1]) * resource.getpagesize() / 2**20  # resident MiB now
     start = time.perf_counter()
     model(ids, use_cache=True, logits_to_keep=1)
     seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps(dict(seconds=seconds, peak_mib=(peak - before) / 1024)))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak resident MiB
+print(json.dumps(dict(seconds=seconds, peak_mib=peak - before)))
 """
 
 

@@ -1,6 +1,6 @@
 """Speed and memory of our sparse Llama 4 against transformers' built-in, measured in one run.
 
-    python benchmarks/bench_text.py            # full table (~8 minutes on 2 CPU cores)
+    python benchmarks/bench_text.py            # full table (about 8 minutes on 2 CPU cores)
     python benchmarks/bench_text.py --quick    # fewer tokens and repeats, for a smoke run
 
 Prints one markdown table. Both models hold the same weights; times are medians of forward+backward.
@@ -53,8 +53,8 @@ class DenseMatmulRate:
     """GFLOP/s of a plain (tokens, hidden) @ (hidden, 2*intermediate) fp32 matmul on this machine.
 
     `peak()` is the best of `matmuls` back-to-back runs: the machine's rate for this shape right now, not flattered
-    by a slow run. The benchmark machine is a shared VM whose dense rate drifts between 70 and 160 GFLOP/s within
-    minutes, so the MoE's share of it is measured against the peak taken right before each MoE step."""
+    by a slow run. On a shared machine the dense rate drifts within minutes, so the MoE's share of it is measured
+    against the peak taken right before each MoE step."""
 
     def __init__(self, tokens: int, hidden: int, intermediate: int) -> None:
         self.a, self.b = torch.randn(tokens, hidden), torch.randn(hidden, 2 * intermediate)
@@ -112,9 +112,15 @@ def bench_moe_block(name: str, tokens: int, repeats: int, dense: DenseMatmulRate
         times.append(time.perf_counter() - start)
         shares.append(3 * forward_flops / times[-1] / 1e9 / peaks[-1])
     t_ours = statistics.median(times)
+    # The generic path (torch's grouped GEMM under autograd), which CUDA and expert parallelism run, on the same
+    # block and input: what the CPU kernel (cpu_experts.py) gains over it.
+    ours.experts.use_cpu_kernel = False
+    t_generic = median_seconds(moe_block_step(ours, x), repeats)
+    ours.experts.use_cpu_kernel = True
     return dict(
         builtin=t_builtin,
         ours=t_ours,
+        generic=t_generic,
         active_gflops=3 * forward_flops / t_ours / 1e9,
         dense_gflops=statistics.median(peaks),
         share_of_dense=statistics.median(shares),
@@ -181,6 +187,14 @@ def main() -> None:
                 f"{block['builtin'] * 1e3:.0f} ms",
                 f"{block['ours'] * 1e3:.0f} ms",
                 f"{block['builtin'] / block['ours']:.1f}x faster",
+            )
+        )
+        rows.append(
+            (
+                f"MoE block fwd+bwd, {name}, {args.tokens} tok, generic path (grouped_mm)",
+                f"{block['builtin'] * 1e3:.0f} ms",
+                f"{block['generic'] * 1e3:.0f} ms",
+                f"{block['builtin'] / block['generic']:.1f}x faster (CPU kernel {block['generic'] / block['ours']:.2f}x it)",
             )
         )
         rows.append(

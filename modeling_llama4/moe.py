@@ -218,8 +218,9 @@ class Llama4TextExperts(nn.Module):
             expert_out = self._dense(rows, flat_experts)  # (N*k, H)
         else:
             expert_out = self._sorted(rows, flat_experts)  # (N*k, H)
-        # Llama4TextMoe passes unit weights (its scores went on the input): skip a multiply pass each way.
-        if expert_weights.requires_grad or not _is_unit(expert_weights):
+        # Llama4TextMoe passes unit weights (its scores went on the input): on the sorted path's many rows, skip a
+        # multiply pass each way; for a decode step's few rows the multiply is cheaper than the check.
+        if path != "sorted" or expert_weights.requires_grad or not _is_unit(expert_weights):
             expert_out = expert_out * expert_weights.reshape(-1, 1).to(expert_out.dtype)
         if top_k == 1:
             return expert_out  # (N, H); summing over one choice would only copy
@@ -251,7 +252,8 @@ class Llama4TextMoe(nn.Module):
         expert_scores = torch.sigmoid(top_logits.float()).to(hidden_states.dtype)  # (T, k), not normalised
         # Score on the input, as the checkpoints were trained (moving it to the output changes the result):
         # one pre-scaled row per (token, expert) pair, each run by its one expert with unit weight.
-        routed_in = hidden_states.repeat_interleave(self.top_k, dim=0) * expert_scores.reshape(-1, 1)  # (T*k, H)
+        repeated = hidden_states.repeat_interleave(self.top_k, dim=0) if self.top_k > 1 else hidden_states
+        routed_in = repeated * expert_scores.reshape(-1, 1)  # (T*k, H)
         unit = torch.ones_like(expert_scores).reshape(-1, 1)
         routed = self.experts(routed_in, expert_indices.reshape(-1, 1), unit)  # (T*k, H)
         if self.top_k > 1:
