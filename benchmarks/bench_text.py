@@ -2,6 +2,7 @@
 
     python benchmarks/bench_text.py            # full table (about 8 minutes on 2 CPU cores)
     python benchmarks/bench_text.py --quick    # fewer tokens and repeats, for a smoke run
+    python benchmarks/bench_text.py --moe-only # the MoE block rows: built-in, CPU kernel, generic path
 
 Prints one markdown table. Both models hold the same weights; times are medians of forward+backward.
 """
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-tokens", type=int, default=32768)
     parser.add_argument("--quick", action="store_true", help="512 tokens, 1 repeat, 4k-token KV cache")
+    parser.add_argument("--moe-only", action="store_true", help="only the MoE block rows (no full model, no cache)")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.repeats, args.kv_tokens = 512, 1, 4096
@@ -206,7 +208,7 @@ def main() -> None:
             )
         )
         rows.append((f"dense fp32 matmul rate, paired with {name}", "", f"{block['dense_gflops']:.0f} GFLOP/s", ""))
-    for name in SHAPES:
+    for name in [] if args.moe_only else SHAPES:
         model = bench_model(name, args.tokens, args.repeats)
         rows.append(
             (
@@ -216,15 +218,16 @@ def main() -> None:
                 f"{model['builtin'] / model['ours']:.1f}x faster",
             )
         )
-    kv = kv_cache_bytes(args.kv_tokens)
-    rows.append(
-        (
-            f"KV cache after {args.kv_tokens} tokens (tiny, chunk 8192)",
-            f"{kv['builtin'] / 2**20:.1f} MiB",
-            f"{kv['ours'] / 2**20:.1f} MiB",
-            f"{kv['ours'] / kv['builtin']:.2f}x of built-in",
+    if not args.moe_only:
+        kv = kv_cache_bytes(args.kv_tokens)
+        rows.append(
+            (
+                f"KV cache after {args.kv_tokens} tokens (tiny, chunk 8192)",
+                f"{kv['builtin'] / 2**20:.1f} MiB",
+                f"{kv['ours'] / 2**20:.1f} MiB",
+                f"{kv['ours'] / kv['builtin']:.2f}x of built-in",
+            )
         )
-    )
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads\n")
     print("| measure | built-in | ours | ratio |\n|---|---|---|---|")

@@ -153,3 +153,23 @@ def test_compiled_decode_step_is_one_graph_and_greedy_equals_builtin(tmp_path):
         assert torch.equal(got, want), batch
     assert counters["stats"]["unique_graphs"] > 0  # the decode steps really were compiled
     assert not counters["graph_break"]
+
+
+def test_completion_only_log_probs_equal_the_full_paths():
+    """`logits_to_keep=n + 1` (what TRL passes to score a completion of n tokens) runs the LM head on the last
+    positions only; the completion's log-probs equal those of full logits, with left padding in the prompt."""
+    model = _model()
+    prompt, attention_mask = _left_padded(3, 14, 5)
+    completion = torch.randint(3, 96, (3, 6))
+    input_ids = torch.cat([prompt, completion], dim=1)
+    attention_mask = torch.cat([attention_mask, torch.ones_like(completion)], dim=1)
+    n = completion.shape[1]
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=attention_mask).logits[:, -n - 1 : -1]
+        kept = model(input_ids, attention_mask=attention_mask, logits_to_keep=n + 1).logits[:, :-1]
+    assert kept.shape == full.shape
+
+    def log_probs(logits):
+        return logits.log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+
+    torch.testing.assert_close(log_probs(kept), log_probs(full), atol=1e-5, rtol=1e-5)
