@@ -9,7 +9,9 @@ shared expert is added unweighted, and the fused weights keep their layout
 The routed experts run one of three ways (`Llama4TextExperts.forward`), all with the same result:
 - a handful of assignments (decode steps): each row's expert weights are gathered (`gate_up_proj[idx]`) and
   multiplied by a batched GEMM. Static shapes, no sort and no host sync, so it compiles in one graph (traced on
-  CPU, larger calls gather up to one row per expert and run every expert beyond that);
+  CPU, larger calls gather up to one row per expert and run every expert beyond that). Small inference calls
+  on small experts run every expert on every row, as the built-in does, where that wastes fewer FLOPs than
+  sorting costs;
 - on CPU (Linux, torch's MKL): rows sorted by expert through `cpu_experts.routed_swiglu`, per-expert GEMMs with a
   hand-written backward, split across torch's threads by expert;
 - elsewhere (CUDA, expert parallelism, other platforms): rows sorted by expert and torch's grouped GEMM
@@ -116,6 +118,9 @@ class Llama4TextExperts(nn.Module):
     # Up to this many (row, expert) assignments, gathering each row's expert weights and one batched GEMM beat
     # sorting rows by expert (benchmarks/bench_generate.py measures decode at batch 1-256).
     gather_max_assignments = 2
+    # Without autograd, running every expert on every row is cheaper than sorting while the wasted expert FLOPs
+    # stay under about what sorting, counting and a GEMM per expert cost in dispatch (~100 us on a CPU).
+    dense_max_wasted_flops = 5e6
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -147,9 +152,15 @@ class Llama4TextExperts(nn.Module):
         )
 
     def _path(self, rows: torch.Tensor, num_assignments: int) -> str:
-        """Which way the experts run: "gather" (decode sizes), "sorted" (rows grouped by expert), or "dense"."""
+        """Which way the experts run: "gather" (decode sizes), "dense" (every expert, small inference calls or traced),
+        or "sorted" (rows grouped by expert)."""
         if num_assignments <= self.gather_max_assignments:
             return "gather"
+        flops_per_row = 2 * self.hidden_size * 3 * self.intermediate_size
+        wasted = (self.num_experts - 1) * num_assignments * flops_per_row
+        inference = not (torch.is_grad_enabled() and (rows.requires_grad or self.gate_up_proj.requires_grad))
+        if inference and wasted <= self.dense_max_wasted_flops:
+            return "dense"  # small experts, few rows (the main job's model decoding at batch 8)
         traced_grouped_mm = rows.device.type == "cuda" and self.gate_up_proj.dtype == torch.bfloat16
         if torch.compiler.is_compiling() and not traced_grouped_mm:
             # Traced graphs need static shapes, and torch's grouped GEMM traces only for CUDA bf16: up to one row

@@ -327,10 +327,11 @@ def test_expert_threads_run_under_inference_mode():
         for parameter in block.parameters():
             torch.nn.init.normal_(parameter, std=0.1)
         hidden = torch.randn(64, block.hidden_dim)
-        with torch.inference_mode():
-            inference_out, _ = block(hidden)
-        with torch.no_grad():
-            no_grad_out, _ = block(hidden)
+        with forced_path(block.experts, "cpu_kernel"), mock.patch.object(cpu_experts, "_MIN_FLOPS_PER_THREAD", 0):
+            with torch.inference_mode():
+                inference_out, _ = block(hidden)
+            with torch.no_grad():
+                no_grad_out, _ = block(hidden)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(inference_out.clone(), no_grad_out, rtol=0, atol=0)
