@@ -83,7 +83,7 @@ def generate_rate(
 
 
 _PREFILL_CHILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 import torch
 sys.path[:0] = {paths!r}
 import transformers
@@ -96,14 +96,34 @@ if {label!r} == "ours":
 else:
     model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**kwargs)).eval()
 ids = torch.randint(3, kwargs["vocab_size"], (1, {length}))
+
+
+def resident_mib():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+# Resident memory sampled every millisecond during the forward (ru_maxrss would include the import's peak).
+samples, done = [], threading.Event()
+
+
+def sample():
+    while not done.is_set():
+        samples.append(resident_mib())
+        time.sleep(1e-3)
+
+
+sampler = threading.Thread(target=sample)
 with torch.inference_mode():
     model(ids[:, :64], use_cache=True)  # warm-up
-    with open("/proc/self/statm") as statm:
-        before = int(statm.read().split()[1]) * resource.getpagesize() / 2**20  # resident MiB now
+    before = resident_mib()
+    sampler.start()
     start = time.perf_counter()
     model(ids, use_cache=True, logits_to_keep=1)
     seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak resident MiB
+    done.set()
+    sampler.join()
+peak = max(samples + [resident_mib()])
 print(json.dumps(dict(seconds=seconds, peak_mib=peak - before)))
 """
 
