@@ -6,12 +6,12 @@ experts. Numerics are the built-in's: sigmoid of the raw top-k router logits sca
 shared expert is added unweighted, and the fused weights keep their layout
 (`gate_up_proj` (E, H, 2I) used as `x @ W`, `down_proj` (E, I, H)).
 
-The routed experts run one of three ways (`Llama4TextExperts.forward`), all with the same result:
-- a handful of assignments (decode steps): each row's expert weights are gathered (`gate_up_proj[idx]`) and
-  multiplied by a batched GEMM. Static shapes, no sort and no host sync, so it compiles in one graph (traced on
-  CPU, larger calls gather up to one row per expert and run every expert beyond that). Small inference calls
-  on small experts run every expert on every row, as the built-in does, where that wastes fewer FLOPs than
-  sorting costs;
+The routed experts run one of four ways (`Llama4TextExperts.forward`), all with the same result:
+- a handful of assignments on CUDA or in a traced graph (decode steps): each row's expert weights are gathered
+  (`gate_up_proj[idx]`) and multiplied by a batched GEMM. Static shapes, no sort and no host sync, so it compiles
+  in one graph (traced off CUDA, larger calls gather up to one row per expert and run every expert beyond that);
+- small inference calls on small experts (the main job's model decoding): every expert on every row, as the
+  built-in does, where that wastes fewer FLOPs than sorting costs in dispatch;
 - on CPU (Linux, torch's MKL): rows sorted by expert through `cpu_experts.routed_swiglu`, per-expert GEMMs with a
   hand-written backward, split across torch's threads by expert;
 - elsewhere (CUDA, expert parallelism, other platforms): rows sorted by expert and torch's grouped GEMM
@@ -115,8 +115,8 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, tokens_per_expert: 
 class Llama4TextExperts(nn.Module):
     """The routed experts, fused as in the checkpoints: `gate_up_proj` (E, H, 2I), `down_proj` (E, I, H)."""
 
-    # Up to this many (row, expert) assignments, gathering each row's expert weights and one batched GEMM beat
-    # sorting rows by expert (benchmarks/bench_generate.py measures decode at batch 1-256).
+    # Off an eager CPU, up to this many (row, expert) assignments gather each row's expert weights into one
+    # batched GEMM instead of sorting rows by expert: the routed experts' bytes, no sort, no host sync.
     gather_max_assignments = 2
     # Without autograd, running every expert on every row is cheaper than sorting while the wasted expert FLOPs
     # stay under about what sorting, counting and a GEMM per expert cost in dispatch (~100 us on a CPU).
@@ -152,15 +152,18 @@ class Llama4TextExperts(nn.Module):
         )
 
     def _path(self, rows: torch.Tensor, num_assignments: int) -> str:
-        """Which way the experts run: "gather" (decode sizes), "dense" (every expert, small inference calls or traced),
-        or "sorted" (rows grouped by expert)."""
-        if num_assignments <= self.gather_max_assignments:
+        """Which way the experts run: "gather", "dense" (every expert on every row) or "sorted" (rows grouped by
+        expert). benchmarks/bench_generate.py measures the choices at decode sizes."""
+        eager_cpu = _eager_cpu(rows)
+        if not eager_cpu and num_assignments <= self.gather_max_assignments:
+            # On CUDA and in traced graphs the sorted path's argsort and counts are kernels of their own; on an
+            # eager CPU they cost less than copying each row's expert weights, so the CPU sorts even one row.
             return "gather"
         flops_per_row = 2 * self.hidden_size * 3 * self.intermediate_size
         wasted = (self.num_experts - 1) * num_assignments * flops_per_row
         inference = not (torch.is_grad_enabled() and (rows.requires_grad or self.gate_up_proj.requires_grad))
         if inference and wasted <= self.dense_max_wasted_flops:
-            return "dense"  # small experts, few rows (the main job's model decoding at batch 8)
+            return "dense"  # small experts, few rows (the main job's model decoding)
         traced_grouped_mm = rows.device.type == "cuda" and self.gate_up_proj.dtype == torch.bfloat16
         if torch.compiler.is_compiling() and not traced_grouped_mm:
             # Traced graphs need static shapes, and torch's grouped GEMM traces only for CUDA bf16: up to one row
@@ -236,6 +239,10 @@ class Llama4TextExperts(nn.Module):
         if top_k == 1:
             return expert_out  # (N, H); summing over one choice would only copy
         return expert_out.view(num_rows, top_k, self.hidden_size).sum(dim=1)  # (N, H)
+
+
+def _eager_cpu(rows: torch.Tensor) -> bool:
+    return rows.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _is_unit(weights: torch.Tensor) -> bool:

@@ -252,7 +252,7 @@ def test_hand_written_expert_backward_matches_autograd(dtype, top_k):
 
 
 def test_kept_memory_is_reused_only_when_free(monkeypatch):
-    """The CPU experts keep their large buffers between steps (`_KeptMemory`), but never overwrite a gradient or an
+    """The CPU experts keep their large buffers between steps (`KeptMemory`), but never overwrite a gradient or an
     output that someone still holds, and the results stay those of fresh memory."""
     torch.manual_seed(0)
     config = _experts_config(4, 1, 16, 8)
@@ -413,8 +413,8 @@ def test_cpu_kernel_degrades_to_the_generic_path_without_its_platform_hooks(monk
 
 
 def test_decode_sizes_gather_expert_weights_without_sorting(monkeypatch):
-    """A decode step's few tokens take the gathered-weights path (no sort, no counts, no host copy) and give the
-    sorted path's result, also with top-2 routing and a foreign expert id."""
+    """Off an eager CPU (CUDA, traced graphs) a decode step's few tokens take the gathered-weights path (no sort, no
+    counts, no host copy) and give the sorted path's result, also with top-2 routing and a foreign expert id."""
     block = _seeded_block(num_local_experts=8, num_experts_per_tok=2)
     x = torch.randn(1, block.hidden_dim)
     with torch.no_grad():
@@ -424,6 +424,7 @@ def test_decode_sizes_gather_expert_weights_without_sorting(monkeypatch):
         def no_sorting(*args, **kwargs):
             raise AssertionError("a decode step sorted its rows by expert")
 
+        monkeypatch.setattr(moe, "_eager_cpu", lambda rows: False)
         monkeypatch.setattr(Llama4TextExperts, "_sorted", no_sorting)
         monkeypatch.setattr(torch.Tensor, "tolist", no_sorting)
         gathered, _ = block(x)
@@ -431,3 +432,22 @@ def test_decode_sizes_gather_expert_weights_without_sorting(monkeypatch):
         foreign = block.experts(rows, torch.tensor([[1], [8]]), torch.ones(2, 1))
     torch.testing.assert_close(gathered, sorted_out, atol=1e-6, rtol=1e-6)
     assert (foreign[1] == 0).all() and (foreign[0] != 0).any()
+
+
+def test_expert_path_choice():
+    """Eager CPU inference: tiny experts run all experts on a few rows, larger ones sort even one row; training
+    always sorts (the CPU kernel's backward); CUDA-like and traced calls gather a decode step's rows."""
+
+    def path(rows: int, grad: bool = False, **shape) -> str:
+        experts = Llama4TextExperts(_experts_config(**{"num_experts": 4, "top_k": 1, **shape}))
+        x = torch.randn(rows, experts.hidden_size)
+        with torch.set_grad_enabled(grad):
+            return experts._path(x, rows)
+
+    main = dict(hidden=128, intermediate=128)  # the main job's experts
+    scout = dict(num_experts=16, hidden=256, intermediate=512)
+    assert [path(n, **main) for n in (1, 8, 64)] == ["dense", "dense", "sorted"]
+    assert path(8, grad=True, **main) == "sorted"
+    assert path(1, **scout) == "sorted"
+    with mock.patch.object(moe, "_eager_cpu", lambda rows: False):
+        assert path(1, **scout) == "gather" and path(2, **scout) == "gather" and path(3, **scout) == "sorted"
