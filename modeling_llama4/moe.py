@@ -171,25 +171,25 @@ class Llama4TextExperts(nn.Module):
             return "dense" if num_assignments > self.num_experts else "gather"
         return "sorted"
 
-    def _gathered(self, rows: torch.Tensor, flat_experts: torch.Tensor) -> torch.Tensor:
-        """(M, H) rows, (M,) expert ids -> (M, H), each row through its own expert; foreign ids give 0.
-
-        Reads one expert's weights per row (the routed experts' bytes) and needs no per-expert grouping."""
-        local = (flat_experts < self.num_experts).unsqueeze(-1)  # (M, 1)
+    def _gathered(self, rows: torch.Tensor, flat_experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(M, H) rows, (M,) expert ids, (M,) output weights -> (M, H), each row through its own expert times its
+        weight; foreign ids give 0. Reads one expert's weights per row (the routed experts' bytes), no grouping."""
+        weights = weights * (flat_experts < self.num_experts)  # (M,), zero for another rank's experts
         experts = flat_experts.clamp(max=self.num_experts - 1)
         rows = rows.to(self.gate_up_proj.dtype).unsqueeze(1)  # (M, 1, H)
         gate, up = torch.bmm(rows, self.gate_up_proj[experts]).chunk(2, dim=-1)  # (M, 1, I) x2
         out = torch.bmm(up * self.act_fn(gate), self.down_proj[experts]).squeeze(1)  # (M, H)
-        return out.masked_fill(~local, 0.0)
+        return out * weights.unsqueeze(-1).to(out.dtype)
 
-    def _dense(self, rows: torch.Tensor, flat_experts: torch.Tensor) -> torch.Tensor:
-        """(M, H) rows, (M,) expert ids -> (M, H): every expert on every row, each row's own expert's output kept."""
+    def _dense(self, rows: torch.Tensor, flat_experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(M, H) rows, (M,) expert ids, (M,) output weights -> (M, H): every expert on every row (the built-in's
+        computation), summed with each row's weight on its own expert and zero elsewhere (foreign ids: all zero)."""
         rows = rows.to(self.gate_up_proj.dtype).expand(self.num_experts, *rows.shape)  # (E, M, H)
         gate, up = torch.bmm(rows, self.gate_up_proj).chunk(2, dim=-1)  # (E, M, I) x2
         out = torch.bmm(up * self.act_fn(gate), self.down_proj)  # (E, M, H)
-        local = (flat_experts < self.num_experts).unsqueeze(-1)  # (M, 1)
-        picked = out[flat_experts.clamp(max=self.num_experts - 1), torch.arange(out.shape[1], device=out.device)]
-        return picked.masked_fill(~local, 0.0)  # (M, H)
+        expert_ids = torch.arange(self.num_experts, device=flat_experts.device).unsqueeze(-1)  # (E, 1)
+        picked = (flat_experts == expert_ids) * weights  # (E, M): the row's weight on its expert
+        return (out * picked.unsqueeze(-1).to(out.dtype)).sum(0)  # (M, H); the other terms are exact zeros
 
     def _sorted(self, rows: torch.Tensor, flat_experts: torch.Tensor) -> torch.Tensor:
         """(M, H) rows, (M,) expert ids -> (M, H) in the same order: rows grouped by expert, each group by its expert's
@@ -225,17 +225,17 @@ class Llama4TextExperts(nn.Module):
         num_rows, top_k = expert_indices.shape
         flat_experts = expert_indices.reshape(-1)  # (N*k,), row-major: assignment i is row i // k
         rows = hidden_states.repeat_interleave(top_k, dim=0) if top_k > 1 else hidden_states  # (N*k, H)
+        flat_weights = expert_weights.reshape(-1)  # (N*k,)
         path = self._path(rows, flat_experts.shape[0])
         if path == "gather":
-            expert_out = self._gathered(rows, flat_experts)  # (N*k, H)
+            expert_out = self._gathered(rows, flat_experts, flat_weights)  # (N*k, H)
         elif path == "dense":
-            expert_out = self._dense(rows, flat_experts)  # (N*k, H)
+            expert_out = self._dense(rows, flat_experts, flat_weights)  # (N*k, H)
         else:
             expert_out = self._sorted(rows, flat_experts)  # (N*k, H)
-        # Llama4TextMoe passes unit weights (its scores went on the input): on the sorted path's many rows, skip a
-        # multiply pass each way; for a decode step's few rows the multiply is cheaper than the check.
-        if path != "sorted" or expert_weights.requires_grad or not _is_unit(expert_weights):
-            expert_out = expert_out * expert_weights.reshape(-1, 1).to(expert_out.dtype)
+            # Llama4TextMoe passes unit weights (its scores went on the input): skip a multiply pass each way.
+            if expert_weights.requires_grad or not _is_unit(expert_weights):
+                expert_out = expert_out * flat_weights.unsqueeze(-1).to(expert_out.dtype)
         if top_k == 1:
             return expert_out  # (N, H); summing over one choice would only copy
         return expert_out.view(num_rows, top_k, self.hidden_size).sum(dim=1)  # (N, H)
