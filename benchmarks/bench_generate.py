@@ -56,7 +56,7 @@ def build_pair(name: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
 
 
 def generate_rate(
-    ours, builtin, vocab: int, batch: int, prompt: int, new: int, repeats: int, cache: str | None
+    ours, builtin, vocab: int, batch: int, prompt: int, new: int, repeats: int, cache: str | None, compile_ours: bool
 ) -> dict:
     torch.manual_seed(batch)
     input_ids = torch.randint(3, vocab, (batch, prompt))
@@ -68,15 +68,21 @@ def generate_rate(
         pad_token_id=0,
         cache_implementation=cache,
     )
+    ours_kwargs = dict(kwargs)
+    if compile_ours:
+        # transformers never compiles the built-in llama4 in generate(); ours compiles its decode step (inductor)
+        compile_config = transformers.CompileConfig(fullgraph=True)
+        compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        ours_kwargs["compile_config"] = compile_config
     times = {"ours": [], "builtin": []}
     outputs = {}
     with torch.inference_mode():
-        for model in (ours, builtin):
-            model.generate(input_ids[:, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        ours.generate(input_ids, **ours_kwargs)  # warm-up (and compilation) at the measured shapes
+        builtin.generate(input_ids[:, :8], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
         for _ in range(repeats):
-            for label, model in (("ours", ours), ("builtin", builtin)):
+            for label, model, model_kwargs in (("ours", ours, ours_kwargs), ("builtin", builtin, kwargs)):
                 start = time.perf_counter()
-                outputs[label] = model.generate(input_ids, **kwargs)
+                outputs[label] = model.generate(input_ids, **model_kwargs)
                 times[label].append(time.perf_counter() - start)
     same = torch.equal(outputs["ours"], outputs["builtin"])
     return {label: batch * new / statistics.median(t) for label, t in times.items()} | {"same": same}
@@ -143,6 +149,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
+    parser.add_argument("--compile", action="store_true", help="ours: static cache, torch.compile'd decode step")
     parser.add_argument("--prefill", nargs="*", type=int, default=None, help="prompt lengths (default 4096 32768)")
     parser.add_argument("--quick", action="store_true", help="main model, batch 1/8/64, 16 new tokens, 4k prefill")
     args = parser.parse_args()
@@ -151,18 +158,29 @@ def main() -> None:
         args.prefill = args.prefill if args.prefill else [4096]
     elif args.prefill is not None and not args.prefill:
         args.prefill = [4096, 32768]
+    if args.compile:
+        args.cache = "static"
     cache = None if args.cache == "dynamic" else "static"
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-        f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.cache} cache, median of {args.repeats}\n"
+        f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, {args.cache} cache"
+        f"{', ours compiled' if args.compile else ''}, median of {args.repeats}\n"
     )
     print("| shape | batch | built-in tok/s | ours tok/s | ours / built-in | same tokens |\n|---|---|---|---|---|---|")
     for name in args.shapes:
         ours, builtin, kwargs = build_pair(name)
         for batch in args.batches:
             rate = generate_rate(
-                ours, builtin, kwargs["vocab_size"], batch, args.prompt_tokens, args.new_tokens, args.repeats, cache
+                ours,
+                builtin,
+                kwargs["vocab_size"],
+                batch,
+                args.prompt_tokens,
+                args.new_tokens,
+                args.repeats,
+                cache,
+                args.compile,
             )
             print(
                 f"| {name} | {batch} | {rate['builtin']:.0f} | {rate['ours']:.0f} | "
