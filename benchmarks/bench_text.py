@@ -1,7 +1,8 @@
 """Speed and memory of our sparse Llama 4 against transformers' built-in, measured in one run.
 
-    python benchmarks/bench_text.py            # full table (~8 minutes on 2 CPU cores)
+    python benchmarks/bench_text.py            # full table (about 8 minutes on 2 CPU cores)
     python benchmarks/bench_text.py --quick    # fewer tokens and repeats, for a smoke run
+    python benchmarks/bench_text.py --moe-only # the MoE block rows: built-in, CPU kernel, generic path
 
 Prints one markdown table. Both models hold the same weights; times are medians of forward+backward.
 """
@@ -53,8 +54,8 @@ class DenseMatmulRate:
     """GFLOP/s of a plain (tokens, hidden) @ (hidden, 2*intermediate) fp32 matmul on this machine.
 
     `peak()` is the best of `matmuls` back-to-back runs: the machine's rate for this shape right now, not flattered
-    by a slow run. The benchmark machine is a shared VM whose dense rate drifts between 70 and 160 GFLOP/s within
-    minutes, so the MoE's share of it is measured against the peak taken right before each MoE step."""
+    by a slow run. On a shared machine the dense rate drifts within minutes, so the MoE's share of it is measured
+    against the peak taken right before each MoE step."""
 
     def __init__(self, tokens: int, hidden: int, intermediate: int) -> None:
         self.a, self.b = torch.randn(tokens, hidden), torch.randn(hidden, 2 * intermediate)
@@ -112,9 +113,15 @@ def bench_moe_block(name: str, tokens: int, repeats: int, dense: DenseMatmulRate
         times.append(time.perf_counter() - start)
         shares.append(3 * forward_flops / times[-1] / 1e9 / peaks[-1])
     t_ours = statistics.median(times)
+    # The generic path (torch's grouped GEMM under autograd), which CUDA and expert parallelism run, on the same
+    # block and input: what the CPU kernel (cpu_experts.py) gains over it.
+    ours.experts.use_cpu_kernel = False
+    t_generic = median_seconds(moe_block_step(ours, x), repeats)
+    ours.experts.use_cpu_kernel = True
     return dict(
         builtin=t_builtin,
         ours=t_ours,
+        generic=t_generic,
         active_gflops=3 * forward_flops / t_ours / 1e9,
         dense_gflops=statistics.median(peaks),
         share_of_dense=statistics.median(shares),
@@ -166,6 +173,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-tokens", type=int, default=32768)
     parser.add_argument("--quick", action="store_true", help="512 tokens, 1 repeat, 4k-token KV cache")
+    parser.add_argument("--moe-only", action="store_true", help="only the MoE block rows (no full model, no cache)")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.repeats, args.kv_tokens = 512, 1, 4096
@@ -185,6 +193,14 @@ def main() -> None:
         )
         rows.append(
             (
+                f"MoE block fwd+bwd, {name}, {args.tokens} tok, generic path (grouped_mm)",
+                f"{block['builtin'] * 1e3:.0f} ms",
+                f"{block['generic'] * 1e3:.0f} ms",
+                f"{block['builtin'] / block['generic']:.1f}x faster (CPU kernel {block['generic'] / block['ours']:.2f}x it)",
+            )
+        )
+        rows.append(
+            (
                 f"MoE active-parameter rate, {name}",
                 "",
                 f"{block['active_gflops']:.0f} GFLOP/s",
@@ -192,7 +208,7 @@ def main() -> None:
             )
         )
         rows.append((f"dense fp32 matmul rate, paired with {name}", "", f"{block['dense_gflops']:.0f} GFLOP/s", ""))
-    for name in SHAPES:
+    for name in [] if args.moe_only else SHAPES:
         model = bench_model(name, args.tokens, args.repeats)
         rows.append(
             (
@@ -202,15 +218,16 @@ def main() -> None:
                 f"{model['builtin'] / model['ours']:.1f}x faster",
             )
         )
-    kv = kv_cache_bytes(args.kv_tokens)
-    rows.append(
-        (
-            f"KV cache after {args.kv_tokens} tokens (tiny, chunk 8192)",
-            f"{kv['builtin'] / 2**20:.1f} MiB",
-            f"{kv['ours'] / 2**20:.1f} MiB",
-            f"{kv['ours'] / kv['builtin']:.2f}x of built-in",
+    if not args.moe_only:
+        kv = kv_cache_bytes(args.kv_tokens)
+        rows.append(
+            (
+                f"KV cache after {args.kv_tokens} tokens (tiny, chunk 8192)",
+                f"{kv['builtin'] / 2**20:.1f} MiB",
+                f"{kv['ours'] / 2**20:.1f} MiB",
+                f"{kv['ours'] / kv['builtin']:.2f}x of built-in",
+            )
         )
-    )
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads\n")
     print("| measure | built-in | ours | ratio |\n|---|---|---|---|")

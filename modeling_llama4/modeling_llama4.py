@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import CompileConfig, GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -350,7 +350,23 @@ class Llama4PreTrainedModel(PreTrainedModel):
     # padding, tests/test_drop_in.py): torch has no flex backward on CPU, so training there is refused with the fix.
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # data-dependent expert group sizes
+    # Decode steps trace as one graph (static cache; experts by gathered weights or every expert when traced):
+    # tests/test_cache_generation.py compiles generate()'s decode step with fullgraph=True.
+    _can_compile_fullgraph = True
+
+    def get_compiled_call(self, compile_config: CompileConfig | None) -> Callable:
+        """`torch.compile`d `__call__` for generate()'s decode steps. transformers returns the plain call for every
+        `llama4` model (its built-in cannot compile); ours decodes with static shapes (`StaticCache`, gathered
+        expert weights), so this is transformers' own logic without that exclusion."""
+        compile_config = compile_config or self._default_compile_config()
+        default_config = getattr(self.generation_config, "compile_config", None) or self._default_compile_config()
+        if (
+            not hasattr(self, "_compiled_call")
+            or getattr(self, "_last_compile_config", default_config) != compile_config
+        ):
+            self._last_compile_config = compile_config
+            self._compiled_call = torch.compile(self.__call__, **compile_config.to_dict())
+        return self._compiled_call
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

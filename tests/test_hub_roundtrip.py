@@ -90,7 +90,14 @@ def test_push_then_pull_with_remote_code_and_builtin_then_offline(hub, tmp_path)
         push_to_hub(multimodal, "org/tiny-mm", processor=tokenizer, eval_results={"math500": 0.25})
 
     files = set(HfApi(endpoint=hub.endpoint).list_repo_files("org/tiny-mm"))
-    shipped = {"modeling_llama4.py", "configuration_llama4.py", "moe.py", "vision.py"}
+    shipped = {
+        "modeling_llama4.py",
+        "configuration_llama4.py",
+        "moe.py",
+        "cpu_experts.py",
+        "router_losses.py",
+        "vision.py",
+    }
     assert shipped | {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= files
     config = json.loads(hub.read_file("org/tiny-mm", "config.json"))
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_llama4.Llama4ForConditionalGeneration"

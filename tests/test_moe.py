@@ -1,7 +1,9 @@
 """Sparse expert dispatch against a dense reference, and the MoE block against the built-in."""
 
+import contextlib
 import copy
 import pickle
+from unittest import mock
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modeling_llama4 import Llama4TextConfig, Llama4TextExperts, Llama4TextMoe, moe
+from modeling_llama4 import Llama4TextConfig, Llama4TextExperts, Llama4TextMoe, cpu_experts, moe
 
 from conftest import tiny_text_kwargs
 
@@ -57,9 +59,39 @@ def _experts_config(num_experts: int, top_k: int, hidden: int, intermediate: int
     )
 
 
-@settings(max_examples=60, deadline=None)
-@given(routings())
-def test_sparse_experts_match_dense_reference(routing):
+PATHS = ["gather", "dense", "cpu_kernel", "grouped_mm", "loop"]
+# The autograd node each path leaves in the graph (the loop leaves plain matmuls).
+PATH_NODES = {
+    "gather": "BmmBackward0",
+    "dense": "BmmBackward0",
+    "cpu_kernel": "_RoutedSwiGLUBackward",
+    "grouped_mm": "GroupedMmBackward0",
+}
+
+
+@contextlib.contextmanager
+def forced_path(experts: Llama4TextExperts, path: str):
+    """Run `experts` down one expert path whatever the row count: gathered weights + bmm (decode), every expert on
+    every row (traced on CPU), the CPU kernel (`cpu_experts.routed_swiglu`), torch's grouped GEMM, or the
+    per-expert loop that the grouped GEMM falls back to."""
+    if path == "cpu_kernel" and not cpu_experts.available():
+        pytest.skip("the CPU expert kernel's platform hooks are missing here")
+    chosen = path if path in ("gather", "dense") else "sorted"
+    experts.use_cpu_kernel = path == "cpu_kernel"
+    with (
+        mock.patch.object(experts, "_path", lambda rows, num_assignments: chosen),
+        mock.patch.object(moe, "_GROUPED_MM", None) if path == "loop" else contextlib.nullcontext(),
+    ):
+        yield
+    experts.use_cpu_kernel = True
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=40, deadline=None)
+@given(routing=routings())
+def test_sparse_experts_match_dense_reference(path, routing):
+    """Every expert path, forced, against every expert on every row: outputs and the gradients of the rows, the
+    output weights and both fused weights."""
     num_experts, top_k, rows, hidden, intermediate, seed = routing
     torch.manual_seed(seed)
     config = _experts_config(num_experts, top_k, hidden, intermediate)
@@ -71,16 +103,25 @@ def test_sparse_experts_match_dense_reference(routing):
     indices = torch.tensor(rows, dtype=torch.long).reshape(len(rows), top_k)
     scores = torch.rand(len(rows), top_k, requires_grad=True)  # output weights
 
-    sparse = experts(x, indices, scores)
+    with forced_path(experts, path):
+        sparse = experts(x, indices, scores)
     dense = dense_reference(experts, x, indices, scores)
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+    # The forced path really ran (the grouped GEMM refuses the 12-wide rows' strides: those take the loop).
+    has_local_rows = bool((indices < num_experts).any())
+    if path in PATH_NODES and has_local_rows and not (path == "grouped_mm" and hidden == 12):
+        assert PATH_NODES[path] in _routed_graph_nodes(sparse)
+    if path != "cpu_kernel":
+        assert "_RoutedSwiGLUBackward" not in _routed_graph_nodes(sparse)
 
     upstream = torch.randn_like(sparse)
     params = [x, scores, experts.gate_up_proj, experts.down_proj]
     sparse_grads = torch.autograd.grad((sparse * upstream).sum(), params, allow_unused=True)
     dense_grads = torch.autograd.grad((dense * upstream).sum(), params, allow_unused=True)
-    for got, want in zip(sparse_grads, dense_grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for param, got, want in zip(params, sparse_grads, dense_grads):
+        # None is autograd's zero gradient (the loop runs no GEMM when every row is another rank's)
+        zero = torch.zeros_like(param)
+        torch.testing.assert_close(zero if got is None else got, zero if want is None else want, atol=1e-4, rtol=1e-4)
 
 
 def test_loop_fallback_equals_grouped_gemm(monkeypatch):
@@ -211,7 +252,7 @@ def test_hand_written_expert_backward_matches_autograd(dtype, top_k):
 
 
 def test_kept_memory_is_reused_only_when_free(monkeypatch):
-    """The CPU experts keep their large buffers between steps (`_KeptMemory`), but never overwrite a gradient or an
+    """The CPU experts keep their large buffers between steps (`KeptMemory`), but never overwrite a gradient or an
     output that someone still holds, and the results stay those of fresh memory."""
     torch.manual_seed(0)
     config = _experts_config(4, 1, 16, 8)
@@ -239,8 +280,8 @@ def test_kept_memory_is_reused_only_when_free(monkeypatch):
 
     del kept, second
     allocations = []
-    new_buffer = moe._new_buffer
-    monkeypatch.setattr(moe, "_new_buffer", lambda *args: allocations.append(args[0]) or new_buffer(*args))
+    new_buffer = cpu_experts._new_buffer
+    monkeypatch.setattr(cpu_experts, "_new_buffer", lambda *args: allocations.append(args[0]) or new_buffer(*args))
     third = step(1)
     assert allocations == []  # nothing held the memory: all of it reused
     assert all(torch.equal(got, expected) for got, expected in zip(third, want[0]))
@@ -252,12 +293,8 @@ def test_kept_memory_is_reused_only_when_free(monkeypatch):
 
 
 def _generic_experts_forward(experts, x, indices, scores):
-    original = Llama4TextExperts._hand_written_backward
-    Llama4TextExperts._hand_written_backward = lambda self, *tensors: False
-    try:
+    with forced_path(experts, "grouped_mm"):
         out = experts(x, indices, scores)
-    finally:
-        Llama4TextExperts._hand_written_backward = original
     assert "_RoutedSwiGLUBackward" not in _routed_graph_nodes(out)
     return out
 
@@ -290,10 +327,127 @@ def test_expert_threads_run_under_inference_mode():
         for parameter in block.parameters():
             torch.nn.init.normal_(parameter, std=0.1)
         hidden = torch.randn(64, block.hidden_dim)
-        with torch.inference_mode():
-            inference_out, _ = block(hidden)
-        with torch.no_grad():
-            no_grad_out, _ = block(hidden)
+        with forced_path(block.experts, "cpu_kernel"), mock.patch.object(cpu_experts, "_MIN_FLOPS_PER_THREAD", 0):
+            with torch.inference_mode():
+                inference_out, _ = block(hidden)
+            with torch.no_grad():
+                no_grad_out, _ = block(hidden)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(inference_out.clone(), no_grad_out, rtol=0, atol=0)
+
+
+def test_grouped_gemm_out_of_memory_propagates_and_keeps_the_kernel(monkeypatch):
+    """An out-of-memory error is the caller's (a smaller batch may fit): it must reach them, and must not move the
+    device and dtype to the per-expert loop for the rest of the process; a kernel that refuses its inputs does."""
+    rows, weight, counts = torch.randn(8, 16), torch.randn(2, 16, 8), torch.tensor([3, 5])
+    monkeypatch.setattr(moe, "_GROUPED_MM_UNSUPPORTED", set())
+    calls = []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(moe, "_GROUPED_MM", out_of_memory)
+    for _ in range(2):
+        with pytest.raises(torch.OutOfMemoryError):
+            moe.grouped_matmul(rows, weight, counts)
+    assert calls == [1, 1] and moe._GROUPED_MM_UNSUPPORTED == set()
+
+    def cpu_allocator_failure(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(moe, "_GROUPED_MM", cpu_allocator_failure)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        moe.grouped_matmul(rows, weight, counts)
+    assert moe._GROUPED_MM_UNSUPPORTED == set()
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double")
+
+    monkeypatch.setattr(moe, "_GROUPED_MM", unsupported)
+    expected = torch.cat([rows[:3] @ weight[0], rows[3:] @ weight[1]])
+    torch.testing.assert_close(moe.grouped_matmul(rows, weight, counts), expected)  # the loop answered
+    assert moe._GROUPED_MM_UNSUPPORTED == {("cpu", torch.float32)}
+
+
+def _seeded_block(**overrides) -> Llama4TextMoe:
+    torch.manual_seed(0)
+    block = Llama4TextMoe(Llama4TextConfig(**tiny_text_kwargs(**overrides)))
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    return block
+
+
+def test_cpu_kernel_degrades_to_the_generic_path_without_its_platform_hooks(monkeypatch):
+    """Where the thread hooks are missing (not Linux, a torch without MKL or libgomp) the experts take the generic
+    grouped-GEMM path, with the same result; without madvise or a storage reference count the kernel still runs,
+    on fresh memory."""
+    block = _seeded_block(num_local_experts=4, num_experts_per_tok=2)
+    x = torch.randn(32, block.hidden_dim, requires_grad=True)
+    out, _ = block(x)
+    assert "_RoutedSwiGLUBackward" in _routed_graph_nodes(out)
+    grads = torch.autograd.grad(out.square().sum(), [x, block.experts.gate_up_proj])
+
+    monkeypatch.setattr(cpu_experts, "_hooks", cpu_experts.PlatformHooks())  # nothing found
+    assert not cpu_experts.available()
+    generic, _ = block(x)
+    names = _routed_graph_nodes(generic)
+    assert "_RoutedSwiGLUBackward" not in names and "GroupedMmBackward0" in names
+    torch.testing.assert_close(generic, out, atol=1e-6, rtol=1e-6)
+    for got, want in zip(torch.autograd.grad(generic.square().sum(), [x, block.experts.gate_up_proj]), grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    hooks = cpu_experts._load_hooks()
+    threads_only = cpu_experts.PlatformHooks(
+        mkl_set_num_threads_local=hooks.mkl_set_num_threads_local, omp_set_num_threads=hooks.omp_set_num_threads
+    )
+    monkeypatch.setattr(cpu_experts, "_hooks", threads_only)
+    if cpu_experts.available():
+        block.experts.kept_memory.release()
+        kernel_out, _ = block(x)
+        assert "_RoutedSwiGLUBackward" in _routed_graph_nodes(kernel_out)
+        kernel_out.square().sum().backward()
+        assert block.experts.kept_memory._storages == {}  # no reference count: nothing kept
+        torch.testing.assert_close(kernel_out, out, rtol=0, atol=0)
+
+
+def test_decode_sizes_gather_expert_weights_without_sorting(monkeypatch):
+    """Off an eager CPU (CUDA, traced graphs) a decode step's few tokens take the gathered-weights path (no sort, no
+    counts, no host copy) and give the sorted path's result, also with top-2 routing and a foreign expert id."""
+    block = _seeded_block(num_local_experts=8, num_experts_per_tok=2)
+    x = torch.randn(1, block.hidden_dim)
+    with torch.no_grad():
+        with forced_path(block.experts, "grouped_mm"):
+            sorted_out, _ = block(x)
+
+        def no_sorting(*args, **kwargs):
+            raise AssertionError("a decode step sorted its rows by expert")
+
+        monkeypatch.setattr(moe, "_eager_cpu", lambda rows: False)
+        monkeypatch.setattr(Llama4TextExperts, "_sorted", no_sorting)
+        monkeypatch.setattr(torch.Tensor, "tolist", no_sorting)
+        gathered, _ = block(x)
+        rows = torch.randn(2, block.hidden_dim)
+        foreign = block.experts(rows, torch.tensor([[1], [8]]), torch.ones(2, 1))
+    torch.testing.assert_close(gathered, sorted_out, atol=1e-6, rtol=1e-6)
+    assert (foreign[1] == 0).all() and (foreign[0] != 0).any()
+
+
+def test_expert_path_choice():
+    """Eager CPU inference: tiny experts run all experts on a few rows, larger ones sort even one row; training
+    always sorts (the CPU kernel's backward); CUDA-like and traced calls gather a decode step's rows."""
+
+    def path(rows: int, grad: bool = False, **shape) -> str:
+        experts = Llama4TextExperts(_experts_config(**{"num_experts": 4, "top_k": 1, **shape}))
+        x = torch.randn(rows, experts.hidden_size)
+        with torch.set_grad_enabled(grad):
+            return experts._path(x, rows)
+
+    main = dict(hidden=128, intermediate=128)  # the main job's experts
+    scout = dict(num_experts=16, hidden=256, intermediate=512)
+    assert [path(n, **main) for n in (1, 8, 64)] == ["dense", "dense", "sorted"]
+    assert path(8, grad=True, **main) == "sorted"
+    assert path(1, **scout) == "sorted"
+    with mock.patch.object(moe, "_eager_cpu", lambda rows: False):
+        assert path(1, **scout) == "gather" and path(2, **scout) == "gather" and path(3, **scout) == "sorted"
