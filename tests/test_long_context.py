@@ -2,14 +2,19 @@
 quantized cache of the NoPE layers, and the mid-training stage."""
 
 import re
+from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
+from transformers.cache_utils import DynamicCache
 
 from eval.long_context import key_split, needle_document, needle_grid
 from eval.tasks import DataSource, Example, get_task
+from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from modeling_llama4.kv_cache import Int8KVLayer, QuantizedNoPECache, kv_cache_nbytes
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +108,112 @@ def test_registered_tasks_grade_the_final_number():
         assert task.grade(example.meta["answer"], example)[0]
         assert task.grade(f"The answer is {example.gold}", example)[0]
         assert not task.grade(str(int(example.gold) + 1), example)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long prefill: through the cache in pieces, and its memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    config = Llama4TextConfig.from_pretrained("hub_configs/tiny", **overrides)
+    return Llama4ForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def test_chunked_prefill_of_a_long_prompt_equals_the_unchunked_forward():
+    # floor_scale 64: the NoPE layer's temperature changes every 64 positions, so the pieces must carry positions.
+    model = tiny_model(floor_scale=64)
+    ids = torch.randint(0, 1000, (1, 1100), generator=torch.Generator().manual_seed(1))
+    full = model(input_ids=ids).logits  # chunks as batch rows: no mask, no cache
+    cache, pieces = DynamicCache(config=model.config), []
+    for start in range(0, ids.shape[1], 200):  # pieces straddle chunk edges (chunk 32)
+        out = model(input_ids=ids[:, start : start + 200], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.cache
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+    kept = [layer.keys.shape[-2] for layer in cache.layers]
+    chunk = model.config.attention_chunk_size
+    assert kept == [chunk - 1 if t == "chunked_attention" else 1100 for t in model.config.layer_types]
+
+
+def peak_rss_mib(fn) -> float:
+    """Peak resident MiB above the resident set before fn() (torch's CPU allocations are invisible to tracemalloc)."""
+
+    def status(field: str) -> float:
+        line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+        return int(line.split()[1]) / 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = status("VmRSS")
+    fn()
+    return status("VmHWM") - before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux /proc")
+@torch.no_grad()
+def test_32k_prefill_memory_stays_under_what_one_full_mask_needs():
+    model = tiny_model()
+    length = 32768
+    ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(0))
+    peak = peak_rss_mib(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+    mask_mib = length * length / 2**20  # one boolean S x S mask: 1024 MiB
+    assert peak < mask_mib / 2, f"prefill peaked at {peak:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int8 cache of the NoPE layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 9), st.sampled_from([4, 16])),
+    log_scale=st.floats(-6, 4),
+    seed=st.integers(0, 2**31),
+)
+def test_int8_layer_round_trip_error_is_half_a_step(shape, log_scale, seed):
+    states = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 10**log_scale
+    layer = Int8KVLayer()
+    keys, values = layer.update(states, 2 * states)
+    assert torch.equal(keys, states) and torch.equal(values, 2 * states)  # the new states come back exact
+    more = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)) * 10**log_scale
+    keys, _ = layer.update(more, more)
+    assert layer.get_seq_length() == 2 * shape[2] and keys.shape[-2] == 2 * shape[2]
+    step = states.abs().amax(-1, keepdim=True) / 127  # per token and head
+    bound = step * (0.5 + 1e-5) + 1e-37  # half a quantization step, plus float32 rounding
+    assert (keys[..., : shape[2], :] - states).abs().le(bound).all()
+    assert torch.equal(keys[..., shape[2] :, :], more)
+
+
+@torch.no_grad()
+def test_int8_nope_cache_decodes_like_the_full_forward_and_the_full_precision_cache():
+    # A larger init than the default makes attention peaked, so errors in the cached keys would show.
+    model = tiny_model(floor_scale=64, initializer_range=0.1)
+    ids = torch.randint(0, 1000, (2, 360), generator=torch.Generator().manual_seed(2))
+    full = model(input_ids=ids).logits[:, 239:359]
+    decoded = {}
+    for name, cache in (("fp32", DynamicCache(config=model.config)), ("int8", QuantizedNoPECache(model.config))):
+        out = model(input_ids=ids[:, :240], cache=cache, use_cache=True)
+        steps = [out.logits[:, -1:]]
+        for t in range(240, 359):
+            steps.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+        decoded[name] = (torch.cat(steps, 1), cache)
+    torch.testing.assert_close(decoded["fp32"][0], full, rtol=1e-4, atol=1e-4)
+    error = (decoded["int8"][0] - full).abs().max() / full.abs().max()
+    assert error < 5e-3, error
+    assert torch.equal(decoded["int8"][0].argmax(-1), full.argmax(-1))
+    fp32_cache, int8_cache = decoded["fp32"][1], decoded["int8"][1]
+    assert [type(layer).__name__ for layer in int8_cache.layers] == [
+        "DynamicSlidingWindowLayer" if t == "chunked_attention" else "Int8KVLayer" for t in model.config.layer_types
+    ]
+    nope = model.config.layer_types.index("full_attention")
+    fp32_layer = fp32_cache.layers[nope]
+    fp32_bytes = fp32_layer.keys.numel() * 4 + fp32_layer.values.numel() * 4
+    # int8 values plus a float32 scale per head_dim values, against fp32 values: (1 + 4 / D) / 4 of the bytes.
+    ratio = int8_cache.layers[nope].nbytes() / fp32_bytes
+    assert ratio == pytest.approx((1 + 4 / model.config.head_dim) / 4)
+    assert kv_cache_nbytes(fp32_cache) - kv_cache_nbytes(int8_cache) == fp32_bytes - int8_cache.layers[nope].nbytes()
