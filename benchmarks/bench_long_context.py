@@ -214,6 +214,172 @@ def kv_table(config_path: Path) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The iRoPE ablation: four attention variants trained identically at a short length, tested far past it
+# ---------------------------------------------------------------------------------------------------------------
+
+# Overrides of hub_configs/tiny. Dense MLPs (no MoE layers) to spend the CPU on attention, which is what differs;
+# floor_scale = the chunk, as in Scout (8192 and 8192), so the temperature grows within the training length too.
+VARIANTS = {
+    "a: iRoPE + temperature": dict(attn_temperature_tuning=True),
+    "b: iRoPE, no temperature": dict(attn_temperature_tuning=False),
+    # The global layer keeps global attention but gets RoPE: what NoPE buys, alone.
+    "c: RoPE on every layer": dict(no_rope_layers=[1, 1, 1, 1], attn_temperature_tuning=False),
+    # Every layer global (RoPE on three, NoPE on one, temperature on): what chunking buys.
+    "d: no chunking": dict(layer_types=["full_attention"] * 4, attn_temperature_tuning=True, chunk=None),
+}
+ABLATION_QUICK = dict(
+    train_length=128, chunk=32, steps=200, batch=16, lr=3e-3, eval_lengths=[128, 512, 2048, 8192],
+    depths=[0.0, 0.25, 0.5, 0.75, 1.0], per_cell=2, seed=0,
+)  # fmt: skip
+ABLATION_FULL = dict(
+    train_length=512, chunk=128, steps=1500, batch=16, lr=3e-3, eval_lengths=[512, 2048, 8192, 32768],
+    depths=[0.0, 0.25, 0.5, 0.75, 1.0], per_cell=4, seed=0,
+)  # fmt: skip
+
+
+def variant_config(overrides: dict, chunk: int) -> Llama4TextConfig:
+    overrides = dict(overrides)
+    chunk = overrides.pop("chunk", chunk)
+    return Llama4TextConfig.from_pretrained(
+        TINY, moe_layers=[], attention_chunk_size=chunk, floor_scale=chunk or 64, max_position_embeddings=1 << 17,
+        **overrides,
+    )  # fmt: skip
+
+
+def needle_batch(tokenizer, docs) -> tuple[torch.Tensor, list[list[int]]]:
+    """(B, S) documents + answer tokens (teacher-forced), right-padded; each row's answer token ids."""
+    answers = [tokenizer.encode(" " + doc.answer, add_special_tokens=False) for doc in docs]
+    rows = [doc.input_ids + answer for doc, answer in zip(docs, answers)]
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id
+    return torch.tensor([row + [pad] * (width - len(row)) for row in rows]), answers
+
+
+def train_variant(config: Llama4TextConfig, tokenizer, train_length: int, steps: int, batch: int, lr: float, seed: int):
+    """AdamW on the answer tokens only (the filler is noise), needles at uniformly random depths, train keys."""
+    import random
+
+    from eval.long_context import needle_document
+
+    torch.manual_seed(seed)
+    model = Llama4ForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    warmup = max(steps // 20, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup)))
+    )
+    rng, losses = random.Random(seed), []
+    for _ in range(steps):
+        docs = [needle_document(tokenizer, train_length, rng.random(), rng.randrange(1 << 30), "train")
+                for _row in range(batch)]  # fmt: skip
+        ids, answers = needle_batch(tokenizer, docs)
+        labels = torch.full_like(ids, -100)
+        for row, (doc, answer) in enumerate(zip(docs, answers)):
+            labels[row, doc.length : doc.length + len(answer)] = torch.tensor(answer)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+@torch.no_grad()
+def retrieval_accuracy(model, tokenizer, docs, batch: int = 8) -> list[bool]:
+    """Greedy exact match of the answer, teacher-forced: every answer token is the argmax after its prefix."""
+    correct = []
+    for start in range(0, len(docs), batch):
+        part = docs[start : start + batch]
+        ids, answers = needle_batch(tokenizer, part)
+        hidden = model.model(input_ids=ids).last_hidden_state  # right padding is never attended by what precedes
+        for row, (doc, answer) in enumerate(zip(part, answers)):
+            logits = model.lm_head(hidden[row, doc.length - 1 : doc.length - 1 + len(answer)])
+            correct.append(logits.argmax(-1).tolist() == answer)
+    return correct
+
+
+def run_ablation(train_length, chunk, steps, batch, lr, eval_lengths, depths, per_cell, seed) -> dict:
+    from transformers import AutoTokenizer
+
+    from eval.long_context import needle_grid
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    tokenizer.model_max_length = 1 << 30  # documents are longer than the tiny config's 4096 positions
+    docs = needle_grid(tokenizer, eval_lengths, depths, per_cell, seed=1000, split="test")
+    results = {}
+    for name, overrides in VARIANTS.items():
+        config = variant_config(overrides, chunk)
+        start = time.perf_counter()
+        model, losses = train_variant(config, tokenizer, train_length, steps, batch, lr, seed)
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        correct = retrieval_accuracy(model, tokenizer, docs)
+        cells = {}
+        for doc, ok in zip(docs, correct):
+            cells.setdefault((doc.length, doc.depths[0]), []).append(ok)
+        results[name] = dict(
+            cells={k: sum(v) / len(v) for k, v in cells.items()},
+            by_length={n: sum(sum(v) for (m, _), v in cells.items() if m == n) / (len(depths) * per_cell)
+                       for n in eval_lengths},  # fmt: skip
+            final_loss=sum(losses[-20:]) / len(losses[-20:]),
+            train_s=train_s,
+            eval_s=time.perf_counter() - start,
+        )
+        print(f"{name}: loss {results[name]['final_loss']:.3f}, accuracy by length {results[name]['by_length']}, "
+              f"train {train_s:.0f} s, eval {results[name]['eval_s']:.0f} s", file=sys.stderr)  # fmt: skip
+    return results
+
+
+def ablation_tables(results: dict, settings: dict) -> str:
+    lengths, depths = settings["eval_lengths"], settings["depths"]
+    lines = [
+        f"Trained at {settings['train_length']} tokens (chunk {settings['chunk']}), {settings['steps']} steps x "
+        f"{settings['batch']}, lr {settings['lr']}; tested on {settings['per_cell']} held-out documents per "
+        "(length, depth): greedy exact match of the two-digit value.",
+        "",
+        "| variant | final train loss | " + " | ".join(f"{n} tok" for n in lengths) + " | train s | eval s |",
+        "|---|---|" + "---|" * len(lengths) + "---|---|",
+    ]
+    for name, r in results.items():
+        accs = " | ".join(f"{100 * r['by_length'][n]:.0f}%" for n in lengths)
+        lines.append(f"| {name} | {r['final_loss']:.3f} | {accs} | {r['train_s']:.0f} | {r['eval_s']:.0f} |")
+    lines += ["", "By depth (rows) at the longest length, " + f"{lengths[-1]} tokens:", ""]
+    lines.append("| depth | " + " | ".join(results) + " |")
+    lines.append("|---|" + "---|" * len(results))
+    for depth in depths:
+        row = " | ".join(f"{100 * r['cells'][(lengths[-1], depth)]:.0f}%" for r in results.values())
+        lines.append(f"| {depth:.0%} | {row} |")
+    return "\n".join(lines)
+
+
+def plot_ablation(results: dict, settings: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, depths = settings["eval_lengths"], settings["depths"]
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(4 * (len(results) + 1), 3.6))
+    for name, r in results.items():
+        axes[0].plot(lengths, [100 * r["by_length"][n] for n in lengths], marker="o", label=name)
+    axes[0].set(xscale="log", xlabel="document tokens", ylabel="retrieval accuracy (%)", ylim=(-5, 105))
+    axes[0].axvline(settings["train_length"], color="gray", linestyle=":", label="training length")
+    axes[0].legend(fontsize=7)
+    for ax, (name, r) in zip(axes[1:], results.items()):
+        grid = [[r["cells"][(n, d)] for n in lengths] for d in depths]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set(title=name, xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)),
+               yticklabels=[f"{d:.0%}" for d in depths], xlabel="tokens", ylabel="needle depth")  # fmt: skip
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)  # atomic
+
+
 def versions() -> str:
     return (
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
@@ -230,6 +396,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="prefill lengths for ours (--memory)")
     parser.add_argument("--builtin_lengths", type=int, nargs="+", help="lengths the built-in is run at (--memory)")
     parser.add_argument("--decode_tokens", type=int, default=16)
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "long_context_ablation.png"))
     parser.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args._measure:
@@ -246,7 +413,11 @@ def main() -> None:
         builtin_lengths = args.builtin_lengths or ([1024, 2048, 4096] if args.quick else [4096, 8192, 16384])
         print(memory_table(lengths, builtin_lengths, args.decode_tokens) + "\n")
     if args.ablation:
-        raise SystemExit("--ablation: not built yet")
+        settings = ABLATION_QUICK if args.quick else ABLATION_FULL
+        results = run_ablation(**settings)
+        print(ablation_tables(results, settings) + "\n")
+        plot_ablation(results, settings, Path(args.plot))
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

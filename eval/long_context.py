@@ -229,3 +229,18 @@ def load_needle_examples(source, kind: str = "single") -> list:
         )
         for doc in documents
     ]
+
+
+def needle_corpus(tokenizer, documents_per_length: int, lengths: Sequence[int], seed: int = 0, split: str = "train"):
+    """A `datasets.Dataset` with a `text` column for language-model training: `documents_per_length` documents at
+    each length in `lengths`, in that order (a length curriculum, for a sequential sampler), each followed by its
+    answer, needles at uniformly random depths."""
+    import datasets
+
+    rng = random.Random(f"needle-corpus:{seed}:{split}")
+    texts = []
+    for length in lengths:
+        for _ in range(documents_per_length):
+            doc = needle_document(tokenizer, length, rng.random(), rng.randrange(1 << 30), split)
+            texts.append(doc.text + " " + doc.answer)
+    return datasets.Dataset.from_dict({"text": texts})

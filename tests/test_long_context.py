@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, DataCollatorWithFlattening
 from transformers.cache_utils import DynamicCache
 
-from eval.long_context import key_split, needle_document, needle_grid
+from eval.long_context import key_split, needle_corpus, needle_document, needle_grid
 from eval.tasks import DataSource, Example, get_task
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
 from modeling_llama4.kv_cache import Int8KVLayer, QuantizedNoPECache, kv_cache_nbytes
@@ -217,3 +217,76 @@ def test_int8_nope_cache_decodes_like_the_full_forward_and_the_full_precision_ca
     ratio = int8_cache.layers[nope].nbytes() / fp32_bytes
     assert ratio == pytest.approx((1 + 4 / model.config.head_dim) / 4)
     assert kv_cache_nbytes(fp32_cache) - kv_cache_nbytes(int8_cache) == fp32_bytes - int8_cache.layers[nope].nbytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mid-training stage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_needle_corpus_is_a_length_curriculum_of_train_keys(tokenizer):
+    corpus = needle_corpus(tokenizer, 3, [64, 160], seed=0)
+    lengths = [len(tokenizer(text).input_ids) for text in corpus["text"]]
+    answers = [len(tokenizer.encode(" " + t.rsplit(" ", 1)[1], add_special_tokens=False)) for t in corpus["text"]]
+    # Each document's tokens but the beginning-of-text one (which this tokenizer's __call__ does not add).
+    assert [n - a for n, a in zip(lengths, answers)] == [63, 63, 63, 159, 159, 159]
+    assert all(key_split(k) == "train" for t in corpus["text"] for k in re.findall(r"\b[A-Z]{3}\b", t))
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_midtrain_stage_packs_whole_documents_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from recipes import pretrain
+
+    class CrashAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise SimulatedCrash("killed after checkpoint-2")
+
+    batches = []
+
+    class RecordingCollator(DataCollatorWithFlattening):
+        def __call__(self, features, *args, **kwargs):
+            batch = super().__call__(features, *args, **kwargs)
+            batches.append((len(features), batch["position_ids"].clone()))
+            return batch
+
+    def run(output_dir, crash: bool):
+        argv = ["--config", "recipes/configs/midtrain_tiny.yaml", "--output_dir", str(output_dir),
+                "--needle_lengths", "64", "128", "--corpus_documents", "8", "--per_device_train_batch_size", "4",
+                "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--max_length", "160"]  # fmt: skip
+        args = TrlParser((pretrain.PretrainScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(argv)
+        with monkeypatch.context() as patch:
+            patch.setattr(pretrain, "DataCollatorWithFlattening", RecordingCollator)
+            if crash:
+                original = pretrain.train_resumably
+
+                def crashing(trainer, training_args):
+                    trainer.add_callback(CrashAfterCheckpoint())
+                    original(trainer, training_args)
+
+                patch.setattr(pretrain, "train_resumably", crashing)
+            return pretrain.main(*args)
+
+    run(tmp_path / "straight", crash=False)
+    # Whole documents packed: each row restarts its positions once per document; phase 2 is twice as long.
+    rows = [positions[0] for _, positions in batches[:4]]
+    starts = [int((row == 0).sum()) for row in rows]
+    assert starts == [4, 4, 4, 4] and rows[0].numel() < rows[2].numel()
+    assert rows[0].max() < 64 + 8 <= rows[2].max()
+    with pytest.raises(SimulatedCrash):
+        run(tmp_path / "resumed", crash=True)
+    results = run(tmp_path / "resumed", crash=False)
+    assert any(entry.get("step") == 3 for entry in results["log_history"]), "resumed run did not train on"
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
