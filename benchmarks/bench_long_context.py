@@ -229,11 +229,11 @@ VARIANTS = {
     "d: no chunking": dict(layer_types=["full_attention"] * 4, attn_temperature_tuning=True, chunk=None),
 }
 ABLATION_QUICK = dict(
-    train_length=128, chunk=32, steps=200, batch=16, lr=3e-3, eval_lengths=[128, 512, 2048, 8192],
+    train_length=128, chunk=32, steps=1500, batch=8, lr=1e-3, eval_lengths=[128, 512, 2048, 8192],
     depths=[0.0, 0.25, 0.5, 0.75, 1.0], per_cell=2, seed=0,
 )  # fmt: skip
 ABLATION_FULL = dict(
-    train_length=512, chunk=128, steps=1500, batch=16, lr=3e-3, eval_lengths=[512, 2048, 8192, 32768],
+    train_length=512, chunk=128, steps=4000, batch=8, lr=1e-3, eval_lengths=[512, 2048, 8192, 32768],
     depths=[0.0, 0.25, 0.5, 0.75, 1.0], per_cell=4, seed=0,
 )  # fmt: skip
 
@@ -256,8 +256,11 @@ def needle_batch(tokenizer, docs) -> tuple[torch.Tensor, list[list[int]]]:
     return torch.tensor([row + [pad] * (width - len(row)) for row in rows]), answers
 
 
-def train_variant(config: Llama4TextConfig, tokenizer, train_length: int, steps: int, batch: int, lr: float, seed: int):
-    """AdamW on the answer tokens only (the filler is noise), needles at uniformly random depths, train keys."""
+def train_variant(
+    config: Llama4TextConfig, tokenizer, train_length: int, steps: int, batch: int, lr: float, seed: int
+):
+    """AdamW on the answer tokens only (the filler is noise), needles at uniformly random depths, train keys. Rows
+    are right-padded: positions before the answer never attend to the padding, which comes after it."""
     import random
 
     from eval.long_context import needle_document
@@ -271,8 +274,9 @@ def train_variant(config: Llama4TextConfig, tokenizer, train_length: int, steps:
     )
     rng, losses = random.Random(seed), []
     for _ in range(steps):
-        docs = [needle_document(tokenizer, train_length, rng.random(), rng.randrange(1 << 30), "train")
-                for _row in range(batch)]  # fmt: skip
+        # Lengths uniform from a quarter of the training length (at least 48) up to it: short documents teach retrieval sooner.
+        docs = [needle_document(tokenizer, rng.randint(max(train_length // 4, 48), train_length), rng.random(),
+                                rng.randrange(1 << 30), "train") for _row in range(batch)]  # fmt: skip
         ids, answers = needle_batch(tokenizer, docs)
         labels = torch.full_like(ids, -100)
         for row, (doc, answer) in enumerate(zip(docs, answers)):
@@ -322,8 +326,10 @@ def run_ablation(train_length, chunk, steps, batch, lr, eval_lengths, depths, pe
             cells.setdefault((doc.length, doc.depths[0]), []).append(ok)
         results[name] = dict(
             cells={k: sum(v) / len(v) for k, v in cells.items()},
-            by_length={n: sum(sum(v) for (m, _), v in cells.items() if m == n) / (len(depths) * per_cell)
-                       for n in eval_lengths},  # fmt: skip
+            by_length={
+                n: sum(sum(v) for (m, _), v in cells.items() if m == n) / (len(depths) * per_cell)
+                for n in eval_lengths
+            },  # fmt: skip
             final_loss=sum(losses[-20:]) / len(losses[-20:]),
             train_s=train_s,
             eval_s=time.perf_counter() - start,

@@ -290,3 +290,13 @@ def test_midtrain_stage_packs_whole_documents_and_resumes_to_the_same_weights(tm
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+@torch.no_grad()
+def test_generate_takes_the_int8_nope_cache():
+    model = tiny_model(initializer_range=0.1)
+    prompt = torch.randint(0, 1000, (1, 100), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    cache = QuantizedNoPECache(model.config)
+    assert torch.equal(model.generate(prompt, cache=cache, **kwargs), model.generate(prompt, **kwargs))
+    assert isinstance(cache.layers[3], Int8KVLayer) and cache.layers[3].get_seq_length() == 119
