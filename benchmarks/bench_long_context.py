@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
+from modeling_llama4.kv_cache import QuantizedNoPECache, kv_cache_nbytes  # noqa: E402
 
 TINY = ROOT / "hub_configs" / "tiny"
 
@@ -54,10 +55,6 @@ def peak_memory_mib(fn) -> tuple[object, float]:
     return result, _status_mib("VmHWM") - before
 
 
-def cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 def tiny_models(which: str) -> torch.nn.Module:
     torch.manual_seed(0)
     ours = Llama4ForCausalLM(Llama4TextConfig.from_pretrained(TINY)).eval()
@@ -71,13 +68,15 @@ def tiny_models(which: str) -> torch.nn.Module:
 @torch.no_grad()
 def measure(which: str, length: int, decode_tokens: int) -> dict:
     """Prefill `length` random tokens (logits of the last one only), then decode greedily."""
-    model = tiny_models(which)
+    model = tiny_models("builtin" if which == "builtin" else "ours")
     ids = torch.randint(0, model.config.vocab_size - 128, (1, length), generator=torch.Generator().manual_seed(0))
-    cache_kw = "cache" if which == "ours" else "past_key_values"
+    cache_kw = "past_key_values" if which == "builtin" else "cache"
+    # "ours-int8": the NoPE layers' cache in int8 (modeling_llama4/kv_cache.py); otherwise the default cache.
+    first = {"cache": QuantizedNoPECache(model.config)} if which == "ours-int8" else {}
 
     def prefill():
         start = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **first)
         return out, time.perf_counter() - start
 
     (out, prefill_s), prefill_mib = peak_memory_mib(prefill)
@@ -92,10 +91,13 @@ def measure(which: str, length: int, decode_tokens: int) -> dict:
         return (time.perf_counter() - start) / decode_tokens
 
     decode_s, decode_mib = peak_memory_mib(decode)
-    per_layer = [layer.keys.shape[-2] for layer in cache.layers]
+    # Tokens each layer holds (a sliding-window layer's get_seq_length counts every token it has seen).
+    per_layer = [
+        (layer._quantized_keys[0] if hasattr(layer, "nbytes") else layer.keys).shape[-2] for layer in cache.layers
+    ]
     return dict(
         which=which, length=length, prefill_s=prefill_s, prefill_mib=prefill_mib, decode_ms=1e3 * decode_s,
-        decode_mib=decode_mib, cache_mib=cache_bytes(cache) / 2**20, cached_tokens=per_layer,
+        decode_mib=decode_mib, cache_mib=kv_cache_nbytes(cache) / 2**20, cached_tokens=per_layer,
     )  # fmt: skip
 
 
@@ -115,11 +117,13 @@ def quadratic_fit(points: list[tuple[float, float]]):
     return lambda x: coef[0] + coef[1] * x + coef[2] * x * x
 
 
-def memory_table(lengths: list[int], builtin_lengths: list[int], decode_tokens: int) -> str:
-    rows = []
+def memory_table(lengths: list[int], builtin_lengths: list[int], decode_tokens: int, int8: bool = False) -> str:
+    rows, int8_rows = [], []
     for length in lengths:
         print(f"measuring ours at {length} tokens ...", file=sys.stderr)
         rows.append(measure_in_subprocess("ours", length, decode_tokens))
+        if int8:
+            int8_rows.append(measure_in_subprocess("ours-int8", length, decode_tokens))
     builtin = []
     for length in builtin_lengths:
         print(f"measuring the built-in at {length} tokens ...", file=sys.stderr)
@@ -133,7 +137,7 @@ def memory_table(lengths: list[int], builtin_lengths: list[int], decode_tokens: 
         "| cached tokens per layer |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(by_length.values(), key=lambda r: r["length"]) + builtin:
+    for r in sorted(by_length.values(), key=lambda r: r["length"]) + int8_rows + builtin:
         lines.append(
             f"| {r['length']} | {r['which']} | {r['prefill_s']:.2f} | {r['prefill_mib']:.0f} | {r['decode_ms']:.1f} "
             f"| {r['decode_mib']:.0f} | {r['cache_mib']:.2f} | {r['cached_tokens']} |"
@@ -401,9 +405,11 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="retrieval accuracy of the four iRoPE variants")
     parser.add_argument("--quick", action="store_true", help="shorter lengths / smaller runs")
     parser.add_argument("--lengths", type=int, nargs="+", help="prefill lengths for ours (--memory)")
-    parser.add_argument("--builtin_lengths", type=int, nargs="+", help="lengths the built-in is run at (--memory)")
+    parser.add_argument("--builtin_lengths", type=int, nargs="*", help="lengths the built-in is run at (--memory)")
+    parser.add_argument("--int8", action="store_true", help="--memory: also ours with the int8 NoPE cache")
     parser.add_argument("--decode_tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, help="--ablation: training seed (initialisation and data order)")
+    parser.add_argument("--steps", type=int, help="--ablation: training steps")
     parser.add_argument("--eval_lengths", type=int, nargs="+", help="--ablation: test lengths")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "long_context_ablation.png"))
     parser.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)
@@ -419,12 +425,18 @@ def main() -> None:
         print(kv_table(ROOT / "hub_configs" / "scout") + "\n")
     if args.memory:
         lengths = args.lengths or ([8192, 32768] if args.quick else [32768, 131072])
-        builtin_lengths = args.builtin_lengths or ([1024, 2048, 4096] if args.quick else [4096, 8192, 16384])
-        print(memory_table(lengths, builtin_lengths, args.decode_tokens) + "\n")
+        builtin_lengths = (
+            args.builtin_lengths
+            if args.builtin_lengths is not None
+            else ([1024, 2048, 4096] if args.quick else [4096, 8192, 16384])
+        )
+        print(memory_table(lengths, builtin_lengths, args.decode_tokens, args.int8) + "\n")
     if args.ablation:
         settings = dict(ABLATION_QUICK if args.quick else ABLATION_FULL)
         if args.seed is not None:
             settings["seed"] = args.seed
+        if args.steps:
+            settings["steps"] = args.steps
         if args.eval_lengths:
             settings["eval_lengths"] = args.eval_lengths
         results = run_ablation(**settings)
