@@ -680,6 +680,16 @@ for _task in (
     register_task(_task)
 
 
+# Long-context retrieval, generated (eval/long_context.py): a needle, and two facts far apart, at 512-32768 tokens.
+from .long_context import grade_needle, load_needle_examples  # noqa: E402
+
+for _kind, _name in (("single", "needle"), ("multihop", "needle_multihop")):
+    TASKS[_name] = Task(
+        _name, lambda source, kind=_kind: load_needle_examples(source, kind), grade_needle, metric="mgsm_accuracy",
+        max_new_tokens=16,
+    )  # fmt: skip
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")

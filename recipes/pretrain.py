@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import DataCollatorForLanguageModeling, Trainer
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, Trainer
 from trl import ModelConfig, SFTConfig
 
+from eval.long_context import needle_corpus
 from recipes.common import (
     TaskArguments,
     defer_hub_push,
@@ -44,6 +45,18 @@ class PretrainScriptArguments(MetaPArguments, TaskArguments):
         default=0.0,
         metadata={"help": "Share of the synthetic corpus rendered in the chat format (the rest is plain Q/A text)."},
     )
+    corpus: str = field(
+        default="arithmetic",
+        metadata={"help": "Bundled corpus: 'arithmetic' (worked problems) or 'needle' (long-context retrieval)."},
+    )
+    needle_lengths: list[int] = field(
+        default_factory=lambda: [512, 2048],
+        metadata={"help": "'needle': document tokens of each phase, in training order; corpus_documents per phase."},
+    )
+    pack_documents: bool = field(
+        default=False,
+        metadata={"help": "Pack each batch's documents whole into one row (position ids restart per document)."},
+    )
 
 
 def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
@@ -52,6 +65,13 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
     if script_args.dataset_name:
         corpus = load_task_dataset(
             script_args.dataset_name, script_args.dataset_train_split, ("text",), split_flag="--dataset_train_split"
+        )
+        heldout = None
+    elif script_args.corpus not in ("arithmetic", "needle"):
+        raise ValueError(f"--corpus {script_args.corpus!r}: choose 'arithmetic' or 'needle', or pass --dataset_name")
+    elif script_args.corpus == "needle":  # long-context mid-training: eval/long_context.py's train keys only
+        corpus = needle_corpus(
+            tokenizer, script_args.corpus_documents, script_args.needle_lengths, script_args.task_seed
         )
         heldout = None
     else:
@@ -78,7 +98,10 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         model=model,
         args=training_args,
         train_dataset=corpus,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        # Packing keeps documents whole: the masks and the NoPE temperature follow the per-document positions.
+        data_collator=DataCollatorWithFlattening()
+        if script_args.pack_documents
+        else DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
     )
     train_resumably(trainer, training_args)
