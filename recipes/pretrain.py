@@ -21,6 +21,7 @@ from typing import Any
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, Trainer
 from trl import ModelConfig, SFTConfig
 
+from eval.loading import InputError
 from eval.long_context import needle_corpus
 from recipes.common import (
     TaskArguments,
@@ -60,6 +61,8 @@ class PretrainScriptArguments(MetaPArguments, TaskArguments):
 
 
 def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
+    if script_args.corpus not in ("arithmetic", "needle"):
+        raise InputError(f"--corpus {script_args.corpus!r}: choose 'arithmetic' or 'needle' (or pass --dataset_name)")
     with_metap_overrides(script_args)
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     if script_args.dataset_name:
@@ -67,8 +70,6 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
             script_args.dataset_name, script_args.dataset_train_split, ("text",), split_flag="--dataset_train_split"
         )
         heldout = None
-    elif script_args.corpus not in ("arithmetic", "needle"):
-        raise ValueError(f"--corpus {script_args.corpus!r}: choose 'arithmetic' or 'needle', or pass --dataset_name")
     elif script_args.corpus == "needle":  # long-context mid-training: eval/long_context.py's train keys only
         corpus = needle_corpus(
             tokenizer, script_args.corpus_documents, script_args.needle_lengths, script_args.task_seed
