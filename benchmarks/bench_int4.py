@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -43,18 +42,11 @@ from modeling_llama4.int4 import Int4Linear, Int4TextExperts, replace_with_int4_
 from modeling_llama4.int4_gptq import gptq_quantize
 from modeling_llama4.modeling_llama4 import Llama4ForConditionalGeneration
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_text import median_seconds  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # --------------------------------------------------------------------------------------------------------------
