@@ -1,6 +1,7 @@
 """How well answer extraction grades known-correct outputs: ours (eval.grading) against lighteval's and lm-eval's.
 
-    python benchmarks/bench_grading.py                                   # ../shared/data, ours (+ the others if installed)
+    python benchmarks/bench_grading.py --data_dir DIR                    # ours (+ the others if installed)
+    python benchmarks/bench_grading.py --bbh_only                        # the synthetic BBH items: no data needed
     python benchmarks/bench_grading.py --external_python /tmp/lighteval/bin/python --external_python /tmp/lm-eval/bin/python
 
 Inputs, over the full data:
@@ -629,7 +630,11 @@ def print_tables(results: dict[str, dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument(
+        "--data_dir",
+        type=Path,
+        help="DIR/math500/test.jsonl (MATH-500 as on the Hub) and DIR/mgsm/mgsm_<lang>.tsv (MGSM's files)",
+    )
     parser.add_argument(
         "--external_python",
         action="append",
@@ -642,9 +647,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.bbh_only:
         math_rows, mgsm = [], {}
-    elif not (args.data_dir / "math500" / "test.jsonl").exists():
+    elif args.data_dir is None or not (args.data_dir / "math500" / "test.jsonl").exists():
         raise SystemExit(
-            f"{args.data_dir} has no math500/test.jsonl: pass --data_dir (see ../shared/data) or --bbh_only"
+            f"--data_dir {args.data_dir} has no math500/test.jsonl: pass --data_dir DIR holding math500/test.jsonl and "
+            "mgsm/mgsm_<lang>.tsv, or --bbh_only"
         )
     else:
         math_rows, mgsm = load_data(args.data_dir)

@@ -204,11 +204,11 @@ def reward_function(name: str):
         return REWARD_FUNCTIONS[name]
     module_name, _, attribute = name.rpartition(".")
     if not module_name:
-        raise ValueError(f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or a dotted path")
+        raise InputError(f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or a dotted path")
     try:
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import reward function {name!r}: {error}") from error
+        raise InputError(f"cannot import reward function {name!r}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -362,6 +362,13 @@ def fp8_unavailable_reason(device: torch.device | str | None = None) -> str | No
     return torchao_problem()
 
 
+def _accelerator_device() -> torch.device:
+    """The device accelerate (and so the Trainer) trains on in this process."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def _check_multiple(what: str, sizes: dict[str, int]) -> None:
     bad = {name: size for name, size in sizes.items() if size % ALIGNMENT}
     if bad:
@@ -413,8 +420,12 @@ def convert_model_to_fp8(model: nn.Module, emulate: bool = False) -> nn.Module:
         )
 
     if not emulate:
-        parameter = next(model.parameters())
-        if (reason := fp8_unavailable_reason(parameter.device)) is not None:
+        # Recipes convert before the Trainer moves the model, so a CPU-resident model is judged by the device
+        # accelerate will train it on.
+        device = next(model.parameters()).device
+        if device.type == "cpu":
+            device = _accelerator_device()
+        if (reason := fp8_unavailable_reason(device)) is not None:
             raise Fp8UnsupportedError(
                 f"real FP8 training needs an NVIDIA Hopper GPU (compute capability 9.0) and torchao >= "
                 f"{TORCHAO_MIN_VERSION}: {reason}. Use convert_model_to_fp8(model, emulate=True) (recipes: "

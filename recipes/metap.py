@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from eval.loading import InputError
 from modeling_llama4.metap import BASE_FIELDS, OPTIONAL_BASE_FIELDS, _find_config, metap_enabled, metap_param_groups
 
 
@@ -42,7 +43,7 @@ def with_metap_overrides(args) -> None:
     if not given:
         return
     if not args.metap:
-        raise ValueError(f"{', '.join(given)} given without --metap true: add --metap true, or drop them")
+        raise InputError(f"{', '.join(given)} given without --metap true: add --metap true, or drop them")
     overrides = args.model_config_overrides or {}
     if isinstance(overrides, str):
         overrides = json.loads(overrides)
@@ -57,7 +58,7 @@ class MetaPTrainerMixin:
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             if not metap_enabled(_find_config(opt_model)):
-                raise ValueError(
+                raise InputError(
                     "--metap true but the model config has no MetaP base shape: give --metap_base_hidden_size, "
                     "--metap_base_num_hidden_layers, --metap_base_intermediate_size and --metap_base_num_local_experts "
                     "(or train a model pretrained with them)"

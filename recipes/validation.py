@@ -174,6 +174,15 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
                 check_model_path(path, f"--{name}")
     if getattr(script_args, "tokenizer_name_or_path", None):
         check_model_path(script_args.tokenizer_name_or_path, "--tokenizer_name_or_path", need_config=False)
+    for name in getattr(script_args, "reward_funcs", None) or []:
+        from .common import reward_function  # resolves names and dotted paths; an error names the reward
+
+        reward_function(name)
+    if getattr(script_args, "load_in_int4", False) and not getattr(model_args, "use_peft", False):
+        raise InputError(
+            "--load_in_int4 true trains LoRA adapters over the int4 experts (QLoRA): add --use_peft true; "
+            "the int4 weights themselves are not trainable"
+        )
     if isinstance(training_args, DPOConfig):
         unknown = [loss for loss in training_args.loss_type or [] if loss not in DPO_LOSS_TYPES]
         if unknown:

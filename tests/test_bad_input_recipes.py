@@ -347,3 +347,48 @@ def test_override_with_a_value_of_the_wrong_type_names_the_flag(tmp_path):
     with pytest.raises(InputError, match=r"--model_name_or_path 'hub_configs/tiny' with --model_config_overrides "
                        r"\{'hidden_size': '64'\}: the config is invalid: .*hidden_size"):  # fmt: skip
         run("pretrain", tmp_path, "--from_scratch", "true", "--model_config_overrides", '{"hidden_size": "64"}')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards, int4, MetaP, FP8
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["online_rl", "dpo"])
+def test_unknown_reward_is_named_before_a_model_is_built(name, tmp_path, no_model):
+    with pytest.raises(InputError, match=r"unknown reward function 'acuracy_reward': use one of .*accuracy_reward"):
+        run(name, tmp_path, "--reward_funcs", "acuracy_reward")
+
+
+def test_unimportable_reward_path_is_named(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"cannot import reward function 'no_such_pkg\.reward'"):
+        run("online_rl", tmp_path, "--reward_funcs", "no_such_pkg.reward")
+
+
+def test_int4_without_adapters_says_to_add_use_peft(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--load_in_int4 true trains LoRA adapters .*add --use_peft true"):
+        run("sft", tmp_path, "--load_in_int4", "true")
+
+
+def test_metap_base_fields_without_metap_is_one_input_error(tmp_path):
+    argv = ["--model_name_or_path", "hub_configs/tiny", "--from_scratch", "true", "--output_dir", str(tmp_path / "out"),
+            *FAST, "--metap_base_hidden_size", "32"]  # fmt: skip
+    with pytest.raises(SystemExit) as raised:
+        run_recipe(pretrain.main, RECIPES["pretrain"][1], argv)
+    assert str(raised.value).startswith("error: metap_base_hidden_size given without --metap true: add --metap true")
+
+
+def test_real_fp8_judges_the_device_the_trainer_will_use(monkeypatch):
+    # Recipes convert while the model is still on the CPU: a Hopper GPU must not be refused for that.
+    import torch
+
+    from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+    from recipes import fp8
+
+    seen = []
+    monkeypatch.setattr(fp8, "_accelerator_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(fp8, "fp8_unavailable_reason", lambda device: seen.append(device) or "stop here")
+    model = Llama4ForCausalLM(Llama4TextConfig.from_pretrained("hub_configs/tiny"))
+    with pytest.raises(fp8.Fp8UnsupportedError, match="stop here"):
+        fp8.convert_model_to_fp8(model)
+    assert seen == [torch.device("cuda", 0)]
