@@ -655,26 +655,19 @@ for _task in (
         layout="global_mmlu/<lang>.parquet|.jsonl|.csv",
     ),
     Task("synthetic", _load_synthetic, _grade_math, metric="math_accuracy", max_new_tokens=256),
-    # BBH's standard setting: the 3-shot chain-of-thought prompts (from the user's copy; see bbh_prompt_folders).
-    Task(
-        "bbh",
-        _bbh_loader(shots=3),
-        _grade_bbh,
-        metric="bbh_accuracy",
-        max_new_tokens=1024,
-        limit_per_subset=True,
-        layout=_BBH_HELP_LAYOUT,
-        macro_average=True,
-    ),
-    Task(
-        "bbh_zeroshot",
-        _bbh_loader(shots=0),
-        _grade_bbh,
-        metric="bbh_accuracy",
-        max_new_tokens=1024,
-        limit_per_subset=True,
-        layout=_BBH_HELP_LAYOUT,
-        macro_average=True,
+    # BBH's standard setting is 3-shot chain of thought (prompts from the user's copy; see bbh_prompt_folders).
+    *(
+        Task(
+            name,
+            _bbh_loader(shots),
+            _grade_bbh,
+            metric="bbh_accuracy",
+            max_new_tokens=1024,
+            limit_per_subset=True,
+            layout=_BBH_HELP_LAYOUT,
+            macro_average=True,
+        )  # fmt: skip
+        for name, shots in (("bbh", 3), ("bbh_zeroshot", 0))
     ),
 ):
     register_task(_task)
@@ -684,10 +677,10 @@ for _task in (
 from .long_context import grade_needle, load_needle_examples  # noqa: E402
 
 for _kind, _name in (("single", "needle"), ("multihop", "needle_multihop")):
-    TASKS[_name] = Task(
+    register_task(Task(
         _name, lambda source, kind=_kind: load_needle_examples(source, kind), grade_needle, metric="mgsm_accuracy",
         max_new_tokens=16,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def get_task(name: str) -> Task:

@@ -32,8 +32,8 @@ from .moe import Llama4TextExperts
 INT4_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"]
 
 
-class Int4LoraLinear(nn.Module, LoraLayer):
-    """LoRA on an `Int4Linear`: y = int4(x) + B(A(dropout(x))) * scaling, adapters in float."""
+class _Int4LoraLayer(nn.Module, LoraLayer):
+    """The constructor PEFT's custom-module dispatch calls, shared by the int4 LoRA layers."""
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs
@@ -43,6 +43,10 @@ class Int4LoraLinear(nn.Module, LoraLayer):
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+
+class Int4LoraLinear(_Int4LoraLayer):
+    """LoRA on an `Int4Linear`: y = int4(x) + B(A(dropout(x))) * scaling, adapters in float."""
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
@@ -102,19 +106,10 @@ class _ExpertFactors(nn.Module):
         self.down = nn.Parameter(torch.zeros(down_shape))
 
 
-class Int4LoraExperts(nn.Module, LoraLayer):
+class Int4LoraExperts(_Int4LoraLayer):
     """LoRA on `Int4TextExperts`, per expert and per projection, in the fused `x @ W` layout:
     W_gate_up[e] + A_gu[e] (H, r) @ B_gu[e] (r, 2I) * scaling, and likewise for W_down[e] (I, H). An expert's
     adapters only see (and only get gradients from) the tokens routed to it, as its weights do."""
-
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs
-    ):
-        super().__init__()
-        LoraLayer.__init__(self, base_layer)
-        self.fan_in_fan_out = False
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.hidden_size, module.hidden_size
