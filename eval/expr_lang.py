@@ -15,7 +15,7 @@ that names what was refused.
     FUNC    := "min" | "max" | "abs"           # abs takes one argument, min/max two or more
 
 Values are Python integers with Python's semantics (`//` and `%` floor, `-7 // 2 == -4`, `-7 % 2 == 1`). Limits,
-each refused with its own message: at most `MAX_LENGTH` characters, `MAX_DEPTH` levels of nesting, literals and
+each refused with its own message: at most `MAX_LENGTH` characters, `MAX_DEPTH` levels of nesting (parentheses, calls, unary minus, powers, `let`), literals and
 every intermediate value within +-`MAX_VALUE`, exponents from 0 to `MAX_EXPONENT`, division or remainder by zero.
 Names are the caller's inputs (`evaluate("x * 2", {"x": 3})`) and `let` bindings; any other name is refused.
 """
@@ -135,19 +135,18 @@ class _Parser:
         return tree
 
     def expr(self) -> tuple:
-        self.nested()
         token = self.peek()
-        if token.kind == "name" and token.text == "let":
-            self.take()
-            name = self.take()
-            if name.kind != "name" or name.text in KEYWORDS or name.text in FUNCTIONS:
-                raise ExprError(f"'let' at position {token.position} must be followed by a variable name")
-            self.expect("=")
-            bound = self.expr()
-            self.expect("in")
-            tree = ("let", name.text, bound, self.expr())
-        else:
-            tree = self.sum()
+        if token.kind != "name" or token.text != "let":
+            return self.sum()
+        self.nested()
+        self.take()
+        name = self.take()
+        if name.kind != "name" or name.text in KEYWORDS or name.text in FUNCTIONS:
+            raise ExprError(f"'let' at position {token.position} must be followed by a variable name")
+        self.expect("=")
+        bound = self.expr()
+        self.expect("in")
+        tree = ("let", name.text, bound, self.expr())
         self.depth -= 1
         return tree
 
