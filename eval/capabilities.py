@@ -41,9 +41,11 @@ __all__ = [
     "CAPABILITIES",
     "SYSTEM_INSTRUCTIONS",
     "SystemInstruction",
+    "capability_group",
     "capability_problems",
     "capability_score",
     "constraint_holds",
+    "heldout_mixture",
     "mixed_problems",
     "with_system_instruction",
 ]
@@ -259,10 +261,10 @@ def satisfy(text: str, constraint: dict | None) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 PEOPLE = {
-    "en": ("Anna", "Tom", "Mia", "Paul", "Lucy", "Ben", "Emma", "Jack"),
-    "de": ("Lisa", "Jonas", "Lena", "Felix", "Emma", "Paul", "Mara", "Tim"),
-    "fr": ("Paul", "Marie", "Louis", "Chloé", "Hugo", "Léa", "Jules", "Alice"),
-    "es": ("María", "Juan", "Lucía", "Pablo", "Sofía", "Diego", "Carmen", "Luis"),
+    "en": ("Anna", "Tom", "Mia", "Paul", "Lucy", "Ben", "Emma", "Jack", "Sara", "Leo"),
+    "de": ("Lisa", "Jonas", "Lena", "Felix", "Emma", "Paul", "Mara", "Tim", "Anna", "Max"),
+    "fr": ("Paul", "Marie", "Louis", "Chloé", "Hugo", "Léa", "Jules", "Alice", "Emma", "Noé"),
+    "es": ("María", "Juan", "Lucía", "Pablo", "Sofía", "Diego", "Carmen", "Luis", "Elena", "Hugo"),
 }
 # Per relation: (more, less) comparatives, and the questions for (first, last, second, second from last).
 RELATIONS = {
@@ -374,7 +376,7 @@ def _coding_problem(rng: random.Random, language: str, level: int) -> dict:
         described, precedence = [], 3  # 3: an atom
     for _ in range(1 if level == 3 else level):
         op = rng.choice(("+", "-", "*", "//", "%"))
-        a = rng.randint(2, 9 if level == 2 else 20)
+        a = rng.randint(2, {1: 50, 2: 9, 3: 30}[level])
         described.append((NEXT_STEP if described else FIRST_STEP)[op][language].format(a=a, v=program))
         # Operators are left-associative, so only a tighter operator after a looser one needs parentheses.
         program = f"({program}) {op} {a}" if _PRECEDENCE[op] > precedence else f"{program} {op} {a}"
@@ -498,7 +500,15 @@ def _empty() -> Dataset:
     return Dataset.from_dict({column: [] for column in _row("", "", "", "", "", 0)})
 
 
-def mixed_problems(shares: dict[str, float], split: str, num_problems: int, *, seed: int = 0) -> Dataset:
+def mixed_problems(
+    shares: dict[str, float],
+    split: str,
+    num_problems: int,
+    *,
+    seed: int = 0,
+    levels: Sequence[int] | None = None,
+    languages: Sequence[str] | None = None,
+) -> Dataset:
     """A mixture: round(share * num_problems) rows of each capability (largest remainder, so the total is exactly
     `num_problems`), shares normalised to sum to 1, rows interleaved in a seeded shuffle."""
     unknown = sorted(set(shares) - set(CAPABILITIES))
@@ -516,9 +526,39 @@ def mixed_problems(shares: dict[str, float], split: str, num_problems: int, *, s
     rows = []
     for name in names:
         if counts[name]:
-            rows.extend(capability_problems(name, split, counts[name], seed=seed).to_list())
+            problems = capability_problems(name, split, counts[name], seed=seed, levels=levels, languages=languages)
+            rows.extend(problems.to_list())
     random.Random(f"llama4-hf-mixture-{seed}-{split}").shuffle(rows)
     return Dataset.from_list(rows) if rows else _empty()
+
+
+def heldout_mixture(
+    capabilities: Sequence[str],
+    num_problems: int,
+    *,
+    seed: int = 0,
+    levels: Sequence[int] | None = None,
+    languages: Sequence[str] | None = None,
+) -> Dataset:
+    """Held-out rows for evaluating after training on `capabilities`: equal parts of each one's test split, plus
+    (with `instruction`) an equal part of instruction following under the held-out instruction pool, in that order
+    (`capability_group` tells the parts apart)."""
+    groups = [*capabilities, *(["instruction_unseen"] if "instruction" in capabilities else [])]
+    rows = []
+    for index, group in enumerate(groups):
+        count = num_problems // len(groups) + (index < num_problems % len(groups))
+        capability, pool = ("instruction", "heldout") if group == "instruction_unseen" else (group, "train")
+        problems = capability_problems(
+            capability, "test", count, seed=seed, levels=levels, languages=languages, instructions=pool
+        )
+        rows.extend(problems.to_list())
+    return Dataset.from_list(rows) if rows else _empty()
+
+
+def capability_group(row: dict) -> str:
+    """The row's capability, or `instruction_unseen` for a row under a held-out-pool system instruction."""
+    heldout = {si.id for si in SYSTEM_INSTRUCTIONS["heldout"]}
+    return "instruction_unseen" if row.get("system_instruction") in heldout else row.get("capability") or "math"
 
 
 def with_system_instruction(row: dict, instruction: SystemInstruction | None) -> dict:
