@@ -122,7 +122,7 @@ def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[D
         return train, test
     kwargs = dict(seed=args.task_seed, languages=args.languages, levels=args.levels)
     if args.capabilities:
-        shares = capability_shares(args)
+        shares = mixture_shares(args)
         if "completion" in columns:  # SFT: reference replies, some under a system instruction
             fraction = args.capability_system_fraction
             train = capability_sft_rows(shares, args.train_problems, system_fraction=fraction, **kwargs)
@@ -135,7 +135,7 @@ def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[D
     return train, test
 
 
-def capability_shares(args: TaskArguments) -> dict[str, float]:
+def mixture_shares(args: TaskArguments) -> dict[str, float]:
     """--capabilities with their --capability_shares (equal where none is given), checked."""
     unknown = sorted(set(args.capabilities or ()) - set(CAPABILITIES))
     if unknown:
@@ -192,6 +192,8 @@ def prepare_run(model_args, task_args: TaskArguments, training_args) -> None:
     """Every check before a model is built (`recipes.validation`): the arguments, the paths, and that `output_dir`
     holds no run made with other settings (recorded in its run manifest)."""
     check_arguments(task_args, training_args, model_args)
+    if getattr(task_args, "capabilities", None):
+        mixture_shares(task_args)
     check_run_manifest(
         training_args.output_dir, run_settings(task_args, training_args, model_args),
         overwrite=task_args.overwrite_output_dir,

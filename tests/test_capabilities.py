@@ -359,7 +359,7 @@ def test_capability_reward_is_the_checker_on_trl_columns():
 
 
 def test_task_datasets_with_capabilities():
-    from recipes.common import TaskArguments, capability_shares, dataset_pass_rates, task_datasets
+    from recipes.common import TaskArguments, dataset_pass_rates, mixture_shares, task_datasets
     from recipes.validation import InputError
 
     args = TaskArguments(
@@ -388,11 +388,11 @@ def test_task_datasets_with_capabilities():
     plain, _ = task_datasets(TaskArguments(train_problems=8, heldout_problems=0))
     assert plain.to_list() == arithmetic_problems("train", 8).to_list()
     with pytest.raises(InputError, match="no capability \\['art'\\]"):
-        capability_shares(TaskArguments(capabilities=["math", "art"]))
+        mixture_shares(TaskArguments(capabilities=["math", "art"]))
     with pytest.raises(InputError, match="names \\['coding'\\], which --capabilities"):
-        capability_shares(TaskArguments(capabilities=["math"], capability_shares={"coding": 1}))
+        mixture_shares(TaskArguments(capabilities=["math"], capability_shares={"coding": 1}))
     with pytest.raises(InputError, match="non-negative numbers"):
-        capability_shares(TaskArguments(capabilities=["math"], capability_shares={"math": "a lot"}))
+        mixture_shares(TaskArguments(capabilities=["math"], capability_shares={"math": "a lot"}))
 
 
 def test_heldout_accuracy_per_capability(monkeypatch):
