@@ -671,15 +671,25 @@ def with_system_instruction(row: dict, instruction: SystemInstruction | None) ->
 
 
 def _boxed_correct(text: str, answer: str) -> bool:
-    if re.fullmatch(r"-?\d+", answer.strip()):
-        return math_answer_correct(text, answer)
+    # The last boxed answer decides: an integer equal to an integer answer, or the name, case aside. Stricter than
+    # math-verify, which falls back to the last number in the text when the box does not parse ("7 + 8 = 15.
+    # \\boxed{Anna}" would count for 15).
     boxed = extract_boxed(text)
-    return boxed is not None and boxed.strip().rstrip(".").strip().casefold() == answer.strip().casefold()
+    if boxed is None:
+        return False
+    boxed, answer = boxed.strip().rstrip(".").strip(), answer.strip()
+    if re.fullmatch(r"-?\d+", answer):
+        return re.fullmatch(r"[-+]?\d+", boxed) is not None and int(boxed) == int(answer)
+    return boxed.casefold() == answer.casefold()
 
 
 def capability_score(completion_text: str, row: dict) -> float:
     """1.0 when `completion_text` answers `row` right for its capability AND satisfies the row's constraint (if
-    any), else 0.0. `row` needs `answer` and `capability`; `constraint` (JSON or "") is optional."""
+    any), else 0.0. `row` needs `answer` and `capability`; `constraint` (JSON or "") is optional.
+
+    math: math-verify, as `accuracy_reward` and the `synthetic` task grade; reasoning and instruction: the last
+    `\\boxed{}` holds the answer (an equal integer, or the name case aside); coding: the last `\\boxed{}` holds a
+    program that `eval.expr_lang` runs to the reference program's values on every test input."""
     if not isinstance(completion_text, str):
         return 0.0
     capability, answer = row.get("capability") or "math", str(row["answer"])

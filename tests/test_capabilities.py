@@ -90,6 +90,18 @@ def test_math_checker():
     assert capability_score("no idea", row) == 0.0
 
 
+def test_boxed_answer_decides_outside_math():
+    # math-verify (the math rows' grader, as accuracy_reward) falls back to the last number when the box does not
+    # parse; the other families read the box alone.
+    from recipes.common import accuracy_reward
+
+    text = "On calcule 7 + 8 = 15. La réponse est \\boxed{María}."
+    assert capability_score(text, _row("math", "15")) == accuracy_reward([text], answer=["15"])[0]
+    assert capability_score(text, _row("instruction", "15")) == 0.0
+    assert capability_score("\\boxed{+15}.", _row("instruction", "15")) == 1.0
+    assert capability_score("The answer is 15.", _row("instruction", "15")) == 0.0  # no box
+
+
 def test_reasoning_checker():
     row = _row("reasoning", "Léa")
     assert capability_score("On calcule Léa > Hugo. La réponse est \\boxed{Léa}.", row) == 1.0
