@@ -650,19 +650,23 @@ def with_system_instruction(row: dict, instruction: SystemInstruction | None) ->
     removes the system message and the constraint. Rewrites that drop words (word limit, banned word) are not
     undone by a later instruction; translations and wrappers are."""
     prompt = [dict(message) for message in row["prompt"] if message["role"] != "system"]
-    completion = [dict(message) for message in row["completion"]]
-    constraint = instruction.constraint if instruction is not None else None
-    if completion:
-        completion[-1]["content"] = satisfy(_translate(completion[-1]["content"], row["language"]), constraint)
     if instruction is not None:
         prompt = [{"role": "system", "content": instruction.text}, *prompt]
-    return {
+    constraint = instruction.constraint if instruction is not None else None
+    new = {
         **row,
         "prompt": prompt,
-        "completion": completion,
         "constraint": json.dumps(constraint, sort_keys=True) if constraint else "",
         "system_instruction": instruction.id if instruction is not None else "",
     }
+    if row.get("completion"):  # RL rows come without one
+        completion = [dict(message) for message in row["completion"]]
+        reply = completion[-1]["content"]
+        if row.get("language") in LANGUAGE_PHRASES:  # undo an earlier instruction's translation
+            reply = _translate(reply, row["language"])
+        completion[-1]["content"] = satisfy(reply, constraint)
+        new["completion"] = completion
+    return new
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -214,6 +214,16 @@ def test_replacing_and_removing_an_instruction():
     assert removed["constraint"] == "" and removed["system_instruction"] == ""
 
 
+def test_rl_rows_without_a_completion_take_an_instruction():
+    row = capability_problems("coding", "train", 1)[0]
+    del row["completion"]  # online_rl drops it
+    new = with_system_instruction(row, SYSTEM_INSTRUCTIONS["train"][0])
+    assert "completion" not in new and new["prompt"][0]["role"] == "system" and new["constraint"] == ""
+    assert with_system_instruction({"prompt": row["prompt"]}, None) == {
+        "prompt": row["prompt"], "constraint": "", "system_instruction": ""
+    }  # fmt: skip
+
+
 def test_instruction_family_uses_the_chosen_pool():
     train_ids = {si.id for si in SYSTEM_INSTRUCTIONS["train"]}
     heldout_ids = {si.id for si in SYSTEM_INSTRUCTIONS["heldout"]}
