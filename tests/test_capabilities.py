@@ -426,3 +426,25 @@ def test_heldout_accuracy_per_capability(monkeypatch):
     result = common.heldout_accuracy(None, None, test, progress=False)
     assert result["correct"] == [i % 2 for i in range(12)] and result["accuracy"] == 0.5
     assert set(result["accuracy_by_capability"]) == {"reasoning", "instruction", "instruction_unseen"}
+
+
+@pytest.mark.slow
+def test_heldout_accuracy_generates_under_system_messages():
+    # The real path once: the chat template renders the system messages and generation runs on them.
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+    from recipes import common
+
+    tiny = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny"
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig.from_pretrained(tiny)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    test = common.heldout_mixture(["coding", "instruction"], 6)
+    assert sum(r["prompt"][0]["role"] == "system" for r in test) == 4
+    result = common.heldout_accuracy(model, tokenizer, test, max_new_tokens=3, batch_size=6, progress=False)
+    assert result["num_problems"] == 6 and result["accuracy"] == 0.0  # an untrained model
+    assert set(result["accuracy_by_capability"]) == {"coding", "instruction", "instruction_unseen"}
