@@ -406,9 +406,14 @@ def test_task_datasets_with_capabilities():
     assert all(capability_score(_reply(r), r) == 1.0 for r in sft_train)
     rates = dataset_pass_rates([[_reply(r), "\\boxed{-1}"] for r in test], test)
     assert rates == [0.5] * len(test)
-    # Without --capabilities: the arithmetic task, unchanged.
+    # Without --capabilities: the arithmetic task, unchanged, and the judge filter's grading as before.
+    from eval.grading import math_answer_correct
+    from recipes.judge import pass_rates
+
     plain, _ = task_datasets(TaskArguments(train_problems=8, heldout_problems=0))
     assert plain.to_list() == arithmetic_problems("train", 8).to_list()
+    samples = [[_reply(r), "The final answer is \\boxed{-1}.", _reply(r)] for r in plain]
+    assert dataset_pass_rates(samples, plain) == pass_rates(samples, plain["answer"], math_answer_correct)
     with pytest.raises(InputError, match="no capability \\['art'\\]"):
         mixture_shares(TaskArguments(capabilities=["math", "art"]))
     with pytest.raises(InputError, match="names \\['coding'\\], which --capabilities"):
