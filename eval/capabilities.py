@@ -197,13 +197,10 @@ def constraint_holds(text: str, constraint: dict | None) -> bool:
         return reply_language(text) == constraint["language"]
     if kind == "wrapper":
         stripped, open_, close = text.strip(), constraint["open"], constraint["close"]
-        return (
-            stripped.startswith(open_)
-            and stripped.endswith(close)
-            and len(stripped) >= len(open_) + len(close)
-            and stripped.count(open_) == 1
-            and stripped.count(close) == 1
-        )
+        if len(stripped) < len(open_) + len(close) or not (stripped.startswith(open_) and stripped.endswith(close)):
+            return False
+        inner = stripped[len(open_) : len(stripped) - len(close)]
+        return open_ not in inner and close not in inner  # wrapped once
     if kind == "word_limit":
         return _word_count(text) <= constraint["max_words"]
     if kind == "banned":

@@ -129,6 +129,8 @@ def test_instruction_checker_needs_answer_and_constraint():
     assert capability_score("We get 4 + 5 = 9. The final answer is \\boxed{9}.", wrapper) == 0.0  # no wrapper
     assert capability_score("<ans>The final answer is \\boxed{8}.</ans>", wrapper) == 0.0  # wrong answer
     assert capability_score("<ans><ans>\\boxed{9}</ans>", wrapper) == 0.0  # opened twice
+    same = _row("instruction", "9", {"kind": "wrapper", "open": "**", "close": "**"})
+    assert capability_score("**\\boxed{9}**", same) == 1.0 and capability_score("**\\boxed{9}** **", same) == 0.0
 
     german = _row("instruction", "Tom", {"kind": "language", "language": "de"})
     assert capability_score("Wir rechnen Tom > Anna. Die Antwort lautet \\boxed{Tom}.", german) == 1.0
@@ -453,3 +455,42 @@ def test_heldout_accuracy_generates_under_system_messages():
     result = common.heldout_accuracy(model, tokenizer, test, max_new_tokens=3, batch_size=6, progress=False)
     assert result["num_problems"] == 6 and result["accuracy"] == 0.0  # an untrained model
     assert set(result["accuracy_by_capability"]) == {"coding", "instruction", "instruction_unseen"}
+
+
+_ROWS = [r for c in ("math", "reasoning", "coding") for r in capability_problems(c, "train", 30)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(row=st.sampled_from(_ROWS), data=st.data())
+def test_any_constraint_instance_can_be_satisfied(row, data):
+    # Beyond the pools: random word limits, banned words taken from the reply itself, arbitrary wrappers and target
+    # languages. The rewritten reply keeps the right answer and satisfies the constraint; only a banned word inside
+    # the boxed answer cannot be avoided, and that is refused.
+    reply = _reply(row)
+    boxed = reply[reply.index("\\boxed{") :]
+    in_box = {w.casefold() for w in re.findall(r"[^\W\d]+", boxed)}
+    words = sorted({w for w in re.findall(r"[^\W\d]+", reply) if w.casefold() not in in_box})
+    kind = data.draw(st.sampled_from(["language", "wrapper", "word_limit", "banned"]))
+    if kind == "language":
+        constraint = {"kind": kind, "language": data.draw(st.sampled_from(["en", "de", "fr", "es"]))}
+    elif kind == "wrapper":
+        tags = data.draw(st.sampled_from([("<a>", "</a>"), ("{{", "}}"), ("##", "##"), ("```", "```")]))
+        constraint = {"kind": kind, "open": tags[0], "close": tags[1]}
+    elif kind == "word_limit":
+        constraint = {"kind": kind, "max_words": data.draw(st.integers(1, 15))}
+    else:
+        constraint = {"kind": kind, "token": data.draw(st.sampled_from(words))}
+    new = with_system_instruction(row, SystemInstruction("random", "(a random constraint)", constraint))
+    assert constraint_holds(_reply(new), constraint) and capability_score(_reply(new), new) == 1.0, _reply(new)
+    assert (_reply(new) == reply) == constraint_holds(reply, constraint)
+
+
+def test_unsatisfiable_constraints_are_refused():
+    # A banned word inside the boxed answer, or wrapper tags that occur in the reply itself.
+    rows = capability_problems("coding", "train", 30, languages=["en"])
+    row = next(r for r in rows if r["level"] == 1)
+    with pytest.raises(ValueError, match="cannot rewrite .* to satisfy"):
+        with_system_instruction(row, SystemInstruction("ban", "...", {"kind": "banned", "token": row["answer"][0]}))
+    row = next(r for r in rows if "(" in r["answer"])
+    with pytest.raises(ValueError, match="cannot rewrite .* to satisfy"):
+        with_system_instruction(row, SystemInstruction("wrap", "...", {"kind": "wrapper", "open": "(", "close": ")"}))
