@@ -1,0 +1,289 @@
+"""The capability families (eval/capabilities.py): deterministic, train and held-out disjoint, each checker right on
+hand-written right and wrong answers (constraint violations included), and system-instruction pools disjoint with
+rewritten reference replies that score 1.0."""
+
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eval.capabilities import (
+    CAPABILITIES,
+    SYSTEM_INSTRUCTIONS,
+    SystemInstruction,
+    capability_problems,
+    capability_score,
+    constraint_holds,
+    mixed_problems,
+    with_system_instruction,
+)
+from eval.synthetic import arithmetic_problems
+
+COLUMNS = {"prompt", "completion", "answer", "capability", "language", "level", "constraint", "system_instruction"}
+
+
+def _question(row: dict) -> str:
+    return row["prompt"][-1]["content"]
+
+
+def _reply(row: dict) -> str:
+    return row["completion"][0]["content"]
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_rows_are_deterministic_and_splits_disjoint(capability):
+    train = capability_problems(capability, "train", 240)
+    assert set(train.column_names) == COLUMNS
+    assert train.to_list() == capability_problems(capability, "train", 240).to_list()
+    assert train.to_list() != capability_problems(capability, "train", 240, seed=1).to_list()
+    test = capability_problems(capability, "test", 120)
+    assert capability_problems(capability, "heldout", 120).to_list() == test.to_list()
+    assert not {_question(r) for r in train} & {_question(r) for r in test}
+    assert len({_question(r) for r in train}) == len(train)
+    assert set(train["capability"]) == {capability}
+    assert set(train["level"]) == {1, 2, 3} and set(train["language"]) == {"en", "de", "fr", "es"}
+    # Every reference reply is right for its own row.
+    assert all(capability_score(_reply(r), r) == 1.0 for r in [*train, *test])
+
+
+def test_math_rows_are_the_arithmetic_rows():
+    rows = capability_problems("math", "train", 50, seed=3, levels=[1, 2], languages=["de", "en"])
+    reference = arithmetic_problems("train", 50, seed=3, levels=[1, 2], languages=["de", "en"])
+    assert [{k: r[k] for k in reference.column_names} for r in rows] == reference.to_list()
+    assert set(rows["constraint"]) == {""} and set(rows["system_instruction"]) == {""}
+
+
+def test_levels_and_languages_select_rows():
+    rows = capability_problems("reasoning", "train", 30, levels=[3], languages=["fr"])
+    assert set(rows["level"]) == {3} and set(rows["language"]) == {"fr"}
+    with pytest.raises(ValueError, match="unknown capability"):
+        capability_problems("poetry", "train", 3)
+    with pytest.raises(ValueError, match="split must be"):
+        capability_problems("math", "validation", 3)
+    with pytest.raises(ValueError, match="languages must be among"):
+        capability_problems("coding", "train", 3, languages=["xx"])
+    with pytest.raises(ValueError, match="levels must be among"):
+        capability_problems("coding", "train", 3, levels=[4])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkers on hand-written answers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _row(capability: str, answer: str, constraint: dict | None = None, language: str = "en") -> dict:
+    return {
+        "capability": capability,
+        "answer": answer,
+        "language": language,
+        "constraint": json.dumps(constraint) if constraint else "",
+    }
+
+
+def test_math_checker():
+    row = _row("math", "12")
+    assert capability_score("We get 5 + 7 = 12. The final answer is \\boxed{12}.", row) == 1.0
+    assert capability_score("The final answer is \\boxed{13}.", row) == 0.0
+    assert capability_score("The final answer is 12 apples, I think", _row("math", "12")) == 1.0  # math-verify
+    assert capability_score("no idea", row) == 0.0
+
+
+def test_reasoning_checker():
+    row = _row("reasoning", "Léa")
+    assert capability_score("On calcule Léa > Hugo. La réponse est \\boxed{Léa}.", row) == 1.0
+    assert capability_score("\\boxed{léa}", row) == 1.0  # names compare case-insensitively
+    assert capability_score("La réponse est \\boxed{Hugo}.", row) == 0.0
+    assert capability_score("Léa", row) == 0.0  # no boxed answer
+
+
+def test_coding_checker_runs_the_program():
+    row = _row("coding", "(x + 3) * 2")
+    assert capability_score("The program is \\boxed{(x + 3) * 2}.", row) == 1.0
+    assert capability_score("The program is \\boxed{2 * x + 6}.", row) == 1.0  # same function, other program
+    assert capability_score("The program is \\boxed{x + 3 * 2}.", row) == 0.0  # precedence
+    assert capability_score("The program is \\boxed{14}.", row) == 0.0  # a constant is right at one input only
+    assert capability_score("The program is \\boxed{(y + 3) * 2}.", row) == 0.0  # unbound name
+    assert capability_score("The program is \\boxed{__import__('os')}.", row) == 0.0  # refused, not run
+    pair = _row("coding", "max(x, y) // 3")
+    assert capability_score("\\boxed{max(y, x) // 3}", pair) == 1.0
+    assert capability_score("\\boxed{x // 3}", pair) == 0.0
+
+
+def test_instruction_checker_needs_answer_and_constraint():
+    wrapper = _row("instruction", "9", {"kind": "wrapper", "open": "<ans>", "close": "</ans>"})
+    assert capability_score("<ans>We get 4 + 5 = 9. The final answer is \\boxed{9}.</ans>", wrapper) == 1.0
+    assert capability_score("We get 4 + 5 = 9. The final answer is \\boxed{9}.", wrapper) == 0.0  # no wrapper
+    assert capability_score("<ans>The final answer is \\boxed{8}.</ans>", wrapper) == 0.0  # wrong answer
+    assert capability_score("<ans><ans>\\boxed{9}</ans>", wrapper) == 0.0  # opened twice
+
+    german = _row("instruction", "Tom", {"kind": "language", "language": "de"})
+    assert capability_score("Wir rechnen Tom > Anna. Die Antwort lautet \\boxed{Tom}.", german) == 1.0
+    assert capability_score("We get Tom > Anna. The final answer is \\boxed{Tom}.", german) == 0.0
+    assert capability_score("Wir rechnen Tom > Anna. The final answer is \\boxed{Tom}.", german) == 0.0  # mixed
+
+    limit = _row("instruction", "9", {"kind": "word_limit", "max_words": 5})
+    assert capability_score("The final answer is \\boxed{9}.", limit) == 1.0
+    assert capability_score("We get 4 + 5 = 9. The final answer is \\boxed{9}.", limit) == 0.0
+
+    banned = _row("instruction", "9", {"kind": "banned", "token": "answer"})
+    assert capability_score("We get 4 + 5 = 9. \\boxed{9}.", banned) == 1.0
+    assert capability_score("The final ANSWER is \\boxed{9}.", banned) == 0.0  # case-insensitive
+    assert capability_score("The answers: \\boxed{9}.", banned) == 1.0  # whole words only
+
+
+def test_constraints_apply_to_any_capability():
+    # RL samples system instructions for every capability: the constraint is checked on top of the answer.
+    coding = _row("coding", "x - 4", {"kind": "word_limit", "max_words": 4})
+    assert capability_score("The program is \\boxed{x - 4}.", coding) == 1.0  # a boxed program is one word
+    assert capability_score("Here it is: the program is \\boxed{x - 4}.", coding) == 0.0
+    math = _row("math", "7", {"kind": "language", "language": "es"})
+    assert capability_score("Calculamos 3 + 4 = 7. La respuesta es \\boxed{7}.", math) == 1.0
+    assert capability_score("On calcule 3 + 4 = 7. La réponse est \\boxed{7}.", math) == 0.0
+
+
+def test_unknown_constraint_kind_is_an_error():
+    with pytest.raises(ValueError, match="unknown constraint kind 'rhyme'"):
+        constraint_holds("text", {"kind": "rhyme"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# System instructions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_pools_are_disjoint_and_heldout_has_unseen_constraints():
+    train, heldout = SYSTEM_INSTRUCTIONS["train"], SYSTEM_INSTRUCTIONS["heldout"]
+    assert set(SYSTEM_INSTRUCTIONS) == {"train", "heldout"}
+    ids = [si.id for si in train + heldout]
+    assert len(ids) == len(set(ids))
+    assert not {si.text for si in train} & {si.text for si in heldout}
+    train_constraints = [si.constraint for si in train if si.constraint]
+    unseen = [si.constraint for si in heldout if si.constraint and si.constraint not in train_constraints]
+    assert len(unseen) >= 4
+    kinds = {c["kind"] for c in train_constraints}
+    assert kinds == {"language", "wrapper", "word_limit", "banned"} == {c["kind"] for c in unseen}
+    # Both pools also hold instructions without a checkable constraint (persona, verbosity, format).
+    assert any(si.constraint is None for si in train) and any(si.constraint is None for si in heldout)
+
+
+ALL_INSTRUCTIONS = [*SYSTEM_INSTRUCTIONS["train"], *SYSTEM_INSTRUCTIONS["heldout"]]
+
+
+@pytest.mark.parametrize("instruction", ALL_INSTRUCTIONS, ids=lambda si: si.id)
+def test_rewritten_replies_satisfy_every_instruction(instruction):
+    rows = [r for c in ("math", "reasoning", "coding") for r in capability_problems(c, "train", 24)]
+    for row in rows:
+        new = with_system_instruction(row, instruction)
+        assert new["prompt"][0] == {"role": "system", "content": instruction.text}
+        assert new["prompt"][1:] == row["prompt"]
+        assert new["system_instruction"] == instruction.id
+        assert json.loads(new["constraint"] or "null") == instruction.constraint
+        assert capability_score(_reply(new), new) == 1.0, (instruction.id, _reply(new))
+        if instruction.constraint is None:
+            assert _reply(new) == _reply(row)
+        else:
+            # The original reply breaks the constraint or already satisfied it (then it is kept as is).
+            assert constraint_holds(_reply(row), instruction.constraint) == (_reply(new) == _reply(row))
+
+
+def test_replacing_and_removing_an_instruction():
+    row = capability_problems("math", "train", 1, languages=["en"])[0]
+    german = next(si for si in SYSTEM_INSTRUCTIONS["train"] if si.id == "lang-de")
+    wrapped = next(si for si in SYSTEM_INSTRUCTIONS["train"] if si.id == "wrap-ans")
+    once = with_system_instruction(row, german)
+    twice = with_system_instruction(once, wrapped)
+    assert [m["role"] for m in twice["prompt"]] == ["system", "user"]
+    assert twice["prompt"][0]["content"] == wrapped.text
+    assert _reply(twice) == f"<ans>{_reply(row)}</ans>"  # German undone, English reply wrapped
+    removed = with_system_instruction(twice, None)
+    assert removed["prompt"] == row["prompt"] and _reply(removed) == _reply(row)
+    assert removed["constraint"] == "" and removed["system_instruction"] == ""
+
+
+def test_instruction_family_uses_the_chosen_pool():
+    train_ids = {si.id for si in SYSTEM_INSTRUCTIONS["train"]}
+    heldout_ids = {si.id for si in SYSTEM_INSTRUCTIONS["heldout"]}
+    seen = capability_problems("instruction", "test", 60)
+    unseen = capability_problems("instruction", "test", 60, instructions="heldout")
+    assert set(seen["system_instruction"]) <= train_ids and set(unseen["system_instruction"]) <= heldout_ids
+    assert all(r["constraint"] for r in seen) and all(r["prompt"][0]["role"] == "system" for r in seen)
+    assert [_question(r) for r in seen] == [_question(r) for r in unseen]  # same questions, other instructions
+    assert all(capability_score(_reply(r), r) == 1.0 for r in unseen)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixtures
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shares=st.dictionaries(st.sampled_from(CAPABILITIES), st.floats(0.01, 10), min_size=1),
+    num_problems=st.integers(0, 40),
+)
+def test_mixture_counts_are_largest_remainder(shares, num_problems):
+    rows = mixed_problems(shares, "train", num_problems)
+    assert len(rows) == num_problems
+    total = sum(shares.values())
+    counts = {c: rows["capability"].count(c) for c in CAPABILITIES}
+    for capability in CAPABILITIES:
+        exact = shares.get(capability, 0) / total * num_problems
+        assert abs(counts[capability] - exact) < 1  # floor or ceil of the exact share
+    assert rows.to_list() == mixed_problems(shares, "train", num_problems).to_list()
+
+
+def test_mixture_rejects_bad_shares():
+    with pytest.raises(ValueError, match="unknown capabilities"):
+        mixed_problems({"math": 1, "art": 1}, "train", 4)
+    with pytest.raises(ValueError, match="non-negative"):
+        mixed_problems({"math": -1}, "train", 4)
+
+
+def test_coding_descriptions_match_their_programs():
+    # An independent reading of the English descriptions (not via the evaluator) gives the programs' values.
+    steps = {
+        "add (\\d+) to (\\w)": lambda v, a: v + a, "subtract (\\d+) from (\\w)": lambda v, a: v - a,
+        "multiply (\\w) by (\\d+)": lambda v, a: v * a, "divide (\\w) by (\\d+), rounding down": lambda v, a: v // a,
+        "take the remainder of (\\w) divided by (\\d+)": lambda v, a: v % a,
+        "add (\\d+)": lambda v, a: v + a, "subtract (\\d+)": lambda v, a: v - a,
+        "multiply by (\\d+)": lambda v, a: v * a, "divide by (\\d+), rounding down": lambda v, a: v // a,
+        "take the remainder modulo (\\d+)": lambda v, a: v % a,
+    }  # fmt: skip
+    pairs = {
+        "take the larger of x and y": max, "take the smaller of x and y": min,
+        "take the distance between x and y": lambda x, y: abs(x - y), "add x and y": lambda x, y: x + y,
+        "subtract y from x": lambda x, y: x - y, "multiply x by y": lambda x, y: x * y,
+    }  # fmt: skip
+    from eval.expr_lang import evaluate
+
+    rows = capability_problems("coding", "train", 90, languages=["en"])
+    for row in rows:
+        description = re.match(r"Write a program with input (.+?): (.+)\. Put", _question(row)).group(2)
+        parts = description.split(", then ")
+        for x, y in ((-7, 3), (5, 2), (13, -4)):
+            if row["level"] == 3:
+                value, env = pairs[parts[0]](x, y), {"x": x, "y": y}
+                parts_left = parts[1:]
+            else:
+                value, env, parts_left = x, None, parts
+            for part in parts_left:
+                for pattern, apply in steps.items():
+                    match = re.fullmatch(pattern, part)
+                    if match:
+                        numbers = [int(g) for g in match.groups() if g.isdigit()]
+                        names = [g for g in match.groups() if not g.isdigit()]
+                        env = env or {names[0]: x}
+                        value = apply(value, numbers[0])
+                        break
+                else:
+                    raise AssertionError(f"unread step {part!r}")
+            assert evaluate(row["answer"], env) == value, (description, row["answer"])
+
+
+def test_with_system_instruction_takes_a_system_instruction():
+    custom = SystemInstruction("custom", "Always reply in Spanish.", {"kind": "language", "language": "es"})
+    row = capability_problems("reasoning", "train", 1, languages=["en"])[0]
+    new = with_system_instruction(row, custom)
+    assert _reply(new).startswith("Calculamos") and "La respuesta es" in _reply(new)
