@@ -44,6 +44,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 import modeling_llama4  # noqa: F401  (registers our classes for the reference GRPO reloads with beta > 0)
+from eval.capabilities import SYSTEM_INSTRUCTIONS, with_system_instruction
 from eval.generation import generate_completions
 from eval.loading import InputError
 
@@ -336,8 +337,6 @@ class OnlineRLTrainer(GRPOTrainer):
         self._heldout_instruction_ids: frozenset[str] = frozenset()
         if config.system_instructions == "none" and "system_instruction" not in train_dataset.column_names:
             return
-        from eval.capabilities import SYSTEM_INSTRUCTIONS
-
         self._heldout_instruction_ids = frozenset(i.id for i in SYSTEM_INSTRUCTIONS["heldout"])
         columns = train_dataset.column_names
         carried = set(train_dataset["system_instruction"]) if "system_instruction" in columns else set()
@@ -445,8 +444,6 @@ class OnlineRLTrainer(GRPOTrainer):
 
     def _with_system_instructions(self, rows: list[dict[str, Any]], generator: torch.Generator) -> list[dict]:
         """One system instruction per prompt (all answers of a group share it), drawn with the draw's generator."""
-        from eval.capabilities import with_system_instruction
-
         picks = torch.randint(len(self._instructions), (len(rows),), generator=generator).tolist()
         given = torch.rand(len(rows), generator=generator) < (
             self.args.system_instruction_share if self.args.system_instructions == "sampled" else 1.0
