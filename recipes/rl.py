@@ -387,19 +387,20 @@ class OnlineRLTrainer(GRPOTrainer):
                     weights[in_level] = weights[in_level] / weights[in_level].sum()
         return weights
 
+    def capability_pass_rates(self) -> torch.Tensor:
+        """Each capability's pass rate P_c = (S_c + 1) / (A_c + 2), pooling its prompts' successes and attempts."""
+        count = len(self._capability_names)
+        attempts = torch.zeros(count, dtype=torch.float64).index_add_(0, self._capability, self.prompt_stats.attempts)
+        successes = torch.zeros(count, dtype=torch.float64).index_add_(
+            0, self._capability, self.prompt_stats.successes
+        )
+        return (successes + 1) / (attempts + 2)
+
     def capability_shares(self) -> torch.Tensor:
         """Each capability's target share of a batch (`mixture_rule`; order `self._capability_names`)."""
         shares = self._base_shares.clone()
         if self.args.mixture_rule == "pass_rate":
-            count = len(self._capability_names)
-            attempts = torch.zeros(count, dtype=torch.float64).index_add_(
-                0, self._capability, self.prompt_stats.attempts
-            )
-            successes = torch.zeros(count, dtype=torch.float64).index_add_(
-                0, self._capability, self.prompt_stats.successes
-            )
-            pass_rates = (successes + 1) / (attempts + 2)
-            shares = shares * (1 - pass_rates).clamp_min(self.args.mixture_floor)
+            shares = shares * (1 - self.capability_pass_rates()).clamp_min(self.args.mixture_floor)
         return shares / shares.sum()
 
     def draw_weights(self) -> torch.Tensor:
@@ -443,7 +444,8 @@ class OnlineRLTrainer(GRPOTrainer):
         return [dict(row) for row in rows for _ in range(self.num_generations)]
 
     def _with_system_instructions(self, rows: list[dict[str, Any]], generator: torch.Generator) -> list[dict]:
-        """One system instruction per prompt (all answers of a group share it), drawn with the draw's generator."""
+        """One system instruction per prompt (all answers of a group share it), drawn with the draw's generator, so
+        a resumed run gives the same prompts the same instructions."""
         picks = torch.randint(len(self._instructions), (len(rows),), generator=generator).tolist()
         given = torch.rand(len(rows), generator=generator) < (
             self.args.system_instruction_share if self.args.system_instructions == "sampled" else 1.0
@@ -466,14 +468,11 @@ class OnlineRLTrainer(GRPOTrainer):
     def _log_mixture(self, indices: list[int]) -> None:
         metrics = self._metrics["train"]
         drawn = self._capability[torch.tensor(indices, dtype=torch.long)]
-        shares = self.capability_shares().tolist()
+        shares, pass_rates = self.capability_shares().tolist(), self.capability_pass_rates().tolist()
         for k, name in enumerate(self._capability_names):
-            in_capability = self._capability == k
-            attempts = self.prompt_stats.attempts[in_capability].sum()
-            successes = self.prompt_stats.successes[in_capability].sum()
             metrics[f"mixture/{name}/draw_share"].append((drawn == k).double().mean().item())
             metrics[f"mixture/{name}/target_share"].append(shares[k])
-            metrics[f"mixture/{name}/pass_rate"].append(((successes + 1) / (attempts + 2)).item())
+            metrics[f"mixture/{name}/pass_rate"].append(pass_rates[k])
 
     # -- continuous filtering --------------------------------------------------------------------------------
 
