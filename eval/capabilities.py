@@ -41,9 +41,11 @@ __all__ = [
     "CAPABILITIES",
     "SYSTEM_INSTRUCTIONS",
     "SystemInstruction",
+    "capability_group",
     "capability_problems",
     "capability_score",
     "constraint_holds",
+    "heldout_mixture",
     "mixed_problems",
     "with_system_instruction",
 ]
@@ -64,41 +66,61 @@ class SystemInstruction:
     constraint: dict | None  # {"kind": "language" | "wrapper" | "word_limit" | "banned", ...}; None: nothing to check
 
 
-def _si(id: str, text: str, constraint: dict | None = None) -> SystemInstruction:
-    return SystemInstruction(id, text, constraint)
+def _plain(id: str, text: str) -> SystemInstruction:
+    return SystemInstruction(id, text, None)
 
 
+def _language(id: str, text: str, language: str) -> SystemInstruction:
+    return SystemInstruction(id, text, {"kind": "language", "language": language})
+
+
+def _wrapper(id: str, text: str, open_: str, close: str) -> SystemInstruction:
+    return SystemInstruction(id, text, {"kind": "wrapper", "open": open_, "close": close})
+
+
+def _word_limit(id: str, text: str, max_words: int) -> SystemInstruction:
+    return SystemInstruction(id, text, {"kind": "word_limit", "max_words": max_words})
+
+
+def _banned(id: str, text: str, token: str) -> SystemInstruction:
+    return SystemInstruction(id, text, {"kind": "banned", "token": token})
+
+
+# Held-out instructions are worded differently, and most of their constraints (Spanish, the <result> and << >>
+# wrappers, 5 and 8 words, 'final' and 'the') never occur in training.
 SYSTEM_INSTRUCTIONS: dict[str, tuple[SystemInstruction, ...]] = {
     "train": (
-        _si("persona-helpful", "You are a helpful assistant."),
-        _si("persona-tutor", "You are a patient math tutor who explains each step."),
-        _si("persona-de", "Du bist ein hilfsbereiter Assistent."),
-        _si("format-boxed", "Show your work briefly and put the final answer in \\boxed{}."),
-        _si("verbosity-concise", "Be concise."),
-        _si("lang-de", "Always reply in German.", {"kind": "language", "language": "de"}),
-        _si("lang-fr", "Always reply in French.", {"kind": "language", "language": "fr"}),
-        _si("lang-en", "Reply in English, whatever the language of the question.", {"kind": "language", "language": "en"}),
-        _si("wrap-ans", "Wrap your whole reply in <ans> and </ans>.", {"kind": "wrapper", "open": "<ans>", "close": "</ans>"}),
-        _si("wrap-brackets", "Start your reply with [[ and end it with ]].", {"kind": "wrapper", "open": "[[", "close": "]]"}),
-        _si("limit-6", "Use at most 6 words.", {"kind": "word_limit", "max_words": 6}),
-        _si("limit-10", "Keep your reply under 11 words.", {"kind": "word_limit", "max_words": 10}),
-        _si("ban-answer", "Never use the word 'answer'.", {"kind": "banned", "token": "answer"}),
-        _si("ban-we", "Do not use the word 'we'.", {"kind": "banned", "token": "we"}),
+        _plain("persona-helpful", "You are a helpful assistant."),
+        _plain("persona-tutor", "You are a patient math tutor who explains each step."),
+        _plain("persona-de", "Du bist ein hilfsbereiter Assistent."),
+        _plain("format-boxed", "Show your work briefly and put the final answer in \\boxed{}."),
+        _plain("verbosity-concise", "Be concise."),
+        _language("lang-de", "Always reply in German.", "de"),
+        _language("lang-fr", "Always reply in French.", "fr"),
+        _language("lang-en", "Reply in English, whatever the language of the question.", "en"),
+        _wrapper("wrap-ans", "Wrap your whole reply in <ans> and </ans>.", "<ans>", "</ans>"),
+        _wrapper("wrap-brackets", "Start your reply with [[ and end it with ]].", "[[", "]]"),
+        _word_limit("limit-6", "Use at most 6 words.", 6),
+        _word_limit("limit-10", "Keep your reply under 11 words.", 10),
+        _banned("ban-answer", "Never use the word 'answer'.", "answer"),
+        _banned("ban-we", "Do not use the word 'we'.", "we"),
     ),
     "heldout": (
-        _si("h-persona-expert", "You are an expert problem solver."),
-        _si("h-persona-careful", "You are a careful assistant who checks every result."),
-        _si("h-verbosity-brief", "Answer briefly and precisely."),
-        _si("h-lang-es", "Your replies must be written in Spanish.", {"kind": "language", "language": "es"}),
-        _si("h-lang-de", "Antworte immer auf Deutsch.", {"kind": "language", "language": "de"}),
-        _si("h-wrap-result", "Enclose everything you write between <result> and </result>.", {"kind": "wrapper", "open": "<result>", "close": "</result>"}),
-        _si("h-wrap-angle", "Your reply has to begin with << and finish with >>.", {"kind": "wrapper", "open": "<<", "close": ">>"}),
-        _si("h-limit-5", "No more than five words, please.", {"kind": "word_limit", "max_words": 5}),
-        _si("h-limit-8", "Limit yourself to 8 words.", {"kind": "word_limit", "max_words": 8}),
-        _si("h-ban-final", "The word 'final' is forbidden in your reply.", {"kind": "banned", "token": "final"}),
-        _si("h-ban-the", "Avoid the word 'the' entirely.", {"kind": "banned", "token": "the"}),
+        _plain("h-persona-expert", "You are an expert problem solver."),
+        _plain("h-persona-careful", "You are a careful assistant who checks every result."),
+        _plain("h-verbosity-brief", "Answer briefly and precisely."),
+        _language("h-lang-es", "Your replies must be written in Spanish.", "es"),
+        _language("h-lang-de", "Antworte immer auf Deutsch.", "de"),
+        _wrapper(
+            "h-wrap-result", "Enclose everything you write between <result> and </result>.", "<result>", "</result>"
+        ),
+        _wrapper("h-wrap-angle", "Your reply has to begin with << and finish with >>.", "<<", ">>"),
+        _word_limit("h-limit-5", "No more than five words, please.", 5),
+        _word_limit("h-limit-8", "Limit yourself to 8 words.", 8),
+        _banned("h-ban-final", "The word 'final' is forbidden in your reply.", "final"),
+        _banned("h-ban-the", "Avoid the word 'the' entirely.", "the"),
     ),
-}  # fmt: skip
+}
 
 
 def _instruction_by_id() -> dict[str, SystemInstruction]:
@@ -259,10 +281,10 @@ def satisfy(text: str, constraint: dict | None) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 PEOPLE = {
-    "en": ("Anna", "Tom", "Mia", "Paul", "Lucy", "Ben", "Emma", "Jack"),
-    "de": ("Lisa", "Jonas", "Lena", "Felix", "Emma", "Paul", "Mara", "Tim"),
-    "fr": ("Paul", "Marie", "Louis", "Chloé", "Hugo", "Léa", "Jules", "Alice"),
-    "es": ("María", "Juan", "Lucía", "Pablo", "Sofía", "Diego", "Carmen", "Luis"),
+    "en": ("Anna", "Tom", "Mia", "Paul", "Lucy", "Ben", "Emma", "Jack", "Sara", "Leo"),
+    "de": ("Lisa", "Jonas", "Lena", "Felix", "Emma", "Paul", "Mara", "Tim", "Anna", "Max"),
+    "fr": ("Paul", "Marie", "Louis", "Chloé", "Hugo", "Léa", "Jules", "Alice", "Emma", "Noé"),
+    "es": ("María", "Juan", "Lucía", "Pablo", "Sofía", "Diego", "Carmen", "Luis", "Elena", "Hugo"),
 }
 # Per relation: (more, less) comparatives, and the questions for (first, last, second, second from last).
 RELATIONS = {
@@ -277,16 +299,31 @@ RELATIONS = {
         "speed": (("schneller", "langsamer"), ("schnellsten", "langsamsten", "zweitschnellsten", "zweitlangsamsten")),
     },
     "fr": {
-        "age": (("plus âgé", "plus jeune"), ("le plus âgé", "le plus jeune", "le deuxième plus âgé", "le deuxième plus jeune")),
-        "height": (("plus grand", "plus petit"), ("le plus grand", "le plus petit", "le deuxième plus grand", "le deuxième plus petit")),
-        "speed": (("plus rapide", "plus lent"), ("le plus rapide", "le plus lent", "le deuxième plus rapide", "le deuxième plus lent")),
+        "age": (
+            ("plus âgé", "plus jeune"),
+            ("le plus âgé", "le plus jeune", "le deuxième plus âgé", "le deuxième plus jeune"),
+        ),
+        "height": (
+            ("plus grand", "plus petit"),
+            ("le plus grand", "le plus petit", "le deuxième plus grand", "le deuxième plus petit"),
+        ),
+        "speed": (
+            ("plus rapide", "plus lent"),
+            ("le plus rapide", "le plus lent", "le deuxième plus rapide", "le deuxième plus lent"),
+        ),
     },
     "es": {
         "age": (("mayor", "menor"), ("el mayor", "el menor", "el segundo mayor", "el segundo menor")),
-        "height": (("más alto", "más bajo"), ("el más alto", "el más bajo", "el segundo más alto", "el segundo más bajo")),
-        "speed": (("más rápido", "más lento"), ("el más rápido", "el más lento", "el segundo más rápido", "el segundo más lento")),
+        "height": (
+            ("más alto", "más bajo"),
+            ("el más alto", "el más bajo", "el segundo más alto", "el segundo más bajo"),
+        ),
+        "speed": (
+            ("más rápido", "más lento"),
+            ("el más rápido", "el más lento", "el segundo más rápido", "el segundo más lento"),
+        ),
     },
-}  # fmt: skip
+}
 FACT = {
     "en": "{a} is {c} than {b}.",
     "de": "{a} ist {c} als {b}.",
@@ -318,37 +355,85 @@ def _reasoning_problem(rng: random.Random, language: str, level: int) -> dict:
 # Coding: programs of eval.expr_lang from a description
 # ---------------------------------------------------------------------------------------------------------------
 
-# The first step acts on x, later ones on the result. {a}: the constant.
+# The first step acts on the input {v}, later ones on the result so far; {a} is the constant.
 FIRST_STEP = {
     "+": {"en": "add {a} to {v}", "de": "addiere {a} zu {v}", "fr": "ajoute {a} à {v}", "es": "suma {a} a {v}"},
-    "-": {"en": "subtract {a} from {v}", "de": "subtrahiere {a} von {v}", "fr": "soustrais {a} de {v}", "es": "resta {a} de {v}"},
-    "*": {"en": "multiply {v} by {a}", "de": "multipliziere {v} mit {a}", "fr": "multiplie {v} par {a}", "es": "multiplica {v} por {a}"},
-    "//": {"en": "divide {v} by {a}, rounding down", "de": "teile {v} durch {a} und runde ab",
-           "fr": "divise {v} par {a} en arrondissant vers le bas", "es": "divide {v} entre {a} redondeando hacia abajo"},
-    "%": {"en": "take the remainder of {v} divided by {a}", "de": "nimm den Rest von {v} geteilt durch {a}",
-          "fr": "prends le reste de {v} divisé par {a}", "es": "toma el resto de {v} dividido entre {a}"},
-}  # fmt: skip
+    "-": {
+        "en": "subtract {a} from {v}",
+        "de": "subtrahiere {a} von {v}",
+        "fr": "soustrais {a} de {v}",
+        "es": "resta {a} de {v}",
+    },
+    "*": {
+        "en": "multiply {v} by {a}",
+        "de": "multipliziere {v} mit {a}",
+        "fr": "multiplie {v} par {a}",
+        "es": "multiplica {v} por {a}",
+    },
+    "//": {
+        "en": "divide {v} by {a}, rounding down",
+        "de": "teile {v} durch {a} und runde ab",
+        "fr": "divise {v} par {a} en arrondissant vers le bas",
+        "es": "divide {v} entre {a} redondeando hacia abajo",
+    },
+    "%": {
+        "en": "take the remainder of {v} divided by {a}",
+        "de": "nimm den Rest von {v} geteilt durch {a}",
+        "fr": "prends le reste de {v} divisé par {a}",
+        "es": "toma el resto de {v} dividido entre {a}",
+    },
+}
 NEXT_STEP = {
     "+": {"en": "add {a}", "de": "addiere {a}", "fr": "ajoute {a}", "es": "suma {a}"},
     "-": {"en": "subtract {a}", "de": "subtrahiere {a}", "fr": "soustrais {a}", "es": "resta {a}"},
-    "*": {"en": "multiply by {a}", "de": "multipliziere mit {a}", "fr": "multiplie par {a}", "es": "multiplica por {a}"},
-    "//": {"en": "divide by {a}, rounding down", "de": "teile durch {a} und runde ab",
-           "fr": "divise par {a} en arrondissant vers le bas", "es": "divide entre {a} redondeando hacia abajo"},
-    "%": {"en": "take the remainder modulo {a}", "de": "nimm den Rest modulo {a}", "fr": "prends le reste modulo {a}",
-          "es": "toma el resto módulo {a}"},
-}  # fmt: skip
+    "*": {
+        "en": "multiply by {a}",
+        "de": "multipliziere mit {a}",
+        "fr": "multiplie par {a}",
+        "es": "multiplica por {a}",
+    },
+    "//": {
+        "en": "divide by {a}, rounding down",
+        "de": "teile durch {a} und runde ab",
+        "fr": "divise par {a} en arrondissant vers le bas",
+        "es": "divide entre {a} redondeando hacia abajo",
+    },
+    "%": {
+        "en": "take the remainder modulo {a}",
+        "de": "nimm den Rest modulo {a}",
+        "fr": "prends le reste modulo {a}",
+        "es": "toma el resto módulo {a}",
+    },
+}
 # Level 3 starts from two inputs.
 PAIR_STEP = {
-    "max(x, y)": {"en": "take the larger of x and y", "de": "nimm die größere von x und y",
-                  "fr": "prends le plus grand de x et y", "es": "toma el mayor de x e y"},
-    "min(x, y)": {"en": "take the smaller of x and y", "de": "nimm die kleinere von x und y",
-                  "fr": "prends le plus petit de x et y", "es": "toma el menor de x e y"},
-    "abs(x - y)": {"en": "take the distance between x and y", "de": "nimm den Abstand zwischen x und y",
-                   "fr": "prends la distance entre x et y", "es": "toma la distancia entre x e y"},
+    "max(x, y)": {
+        "en": "take the larger of x and y",
+        "de": "nimm die größere von x und y",
+        "fr": "prends le plus grand de x et y",
+        "es": "toma el mayor de x e y",
+    },
+    "min(x, y)": {
+        "en": "take the smaller of x and y",
+        "de": "nimm die kleinere von x und y",
+        "fr": "prends le plus petit de x et y",
+        "es": "toma el menor de x e y",
+    },
+    "abs(x - y)": {
+        "en": "take the distance between x and y",
+        "de": "nimm den Abstand zwischen x und y",
+        "fr": "prends la distance entre x et y",
+        "es": "toma la distancia entre x e y",
+    },
     "x + y": {"en": "add x and y", "de": "addiere x und y", "fr": "additionne x et y", "es": "suma x e y"},
     "x - y": {"en": "subtract y from x", "de": "subtrahiere y von x", "fr": "soustrais y de x", "es": "resta y de x"},
-    "x * y": {"en": "multiply x by y", "de": "multipliziere x mit y", "fr": "multiplie x par y", "es": "multiplica x por y"},
-}  # fmt: skip
+    "x * y": {
+        "en": "multiply x by y",
+        "de": "multipliziere x mit y",
+        "fr": "multiplie x par y",
+        "es": "multiplica x por y",
+    },
+}
 THEN = {"en": ", then ", "de": ", dann ", "fr": ", puis ", "es": ", luego "}
 CODE_TASK = {
     "en": "Write a program with input {v}: {steps}. Put the program in \\boxed{{}}.",
@@ -374,7 +459,7 @@ def _coding_problem(rng: random.Random, language: str, level: int) -> dict:
         described, precedence = [], 3  # 3: an atom
     for _ in range(1 if level == 3 else level):
         op = rng.choice(("+", "-", "*", "//", "%"))
-        a = rng.randint(2, 9 if level == 2 else 20)
+        a = rng.randint(2, {1: 50, 2: 9, 3: 30}[level])
         described.append((NEXT_STEP if described else FIRST_STEP)[op][language].format(a=a, v=program))
         # Operators are left-associative, so only a tighter operator after a looser one needs parentheses.
         program = f"({program}) {op} {a}" if _PRECEDENCE[op] > precedence else f"{program} {op} {a}"
@@ -498,7 +583,15 @@ def _empty() -> Dataset:
     return Dataset.from_dict({column: [] for column in _row("", "", "", "", "", 0)})
 
 
-def mixed_problems(shares: dict[str, float], split: str, num_problems: int, *, seed: int = 0) -> Dataset:
+def mixed_problems(
+    shares: dict[str, float],
+    split: str,
+    num_problems: int,
+    *,
+    seed: int = 0,
+    levels: Sequence[int] | None = None,
+    languages: Sequence[str] | None = None,
+) -> Dataset:
     """A mixture: round(share * num_problems) rows of each capability (largest remainder, so the total is exactly
     `num_problems`), shares normalised to sum to 1, rows interleaved in a seeded shuffle."""
     unknown = sorted(set(shares) - set(CAPABILITIES))
@@ -516,9 +609,39 @@ def mixed_problems(shares: dict[str, float], split: str, num_problems: int, *, s
     rows = []
     for name in names:
         if counts[name]:
-            rows.extend(capability_problems(name, split, counts[name], seed=seed).to_list())
+            problems = capability_problems(name, split, counts[name], seed=seed, levels=levels, languages=languages)
+            rows.extend(problems.to_list())
     random.Random(f"llama4-hf-mixture-{seed}-{split}").shuffle(rows)
     return Dataset.from_list(rows) if rows else _empty()
+
+
+def heldout_mixture(
+    capabilities: Sequence[str],
+    num_problems: int,
+    *,
+    seed: int = 0,
+    levels: Sequence[int] | None = None,
+    languages: Sequence[str] | None = None,
+) -> Dataset:
+    """Held-out rows for evaluating after training on `capabilities`: equal parts of each one's test split, plus
+    (with `instruction`) an equal part of instruction following under the held-out instruction pool, in that order
+    (`capability_group` tells the parts apart)."""
+    groups = [*capabilities, *(["instruction_unseen"] if "instruction" in capabilities else [])]
+    rows = []
+    for index, group in enumerate(groups):
+        count = num_problems // len(groups) + (index < num_problems % len(groups))
+        capability, pool = ("instruction", "heldout") if group == "instruction_unseen" else (group, "train")
+        problems = capability_problems(
+            capability, "test", count, seed=seed, levels=levels, languages=languages, instructions=pool
+        )
+        rows.extend(problems.to_list())
+    return Dataset.from_list(rows) if rows else _empty()
+
+
+def capability_group(row: dict) -> str:
+    """The row's capability, or `instruction_unseen` for a row under a held-out-pool system instruction."""
+    heldout = {si.id for si in SYSTEM_INSTRUCTIONS["heldout"]}
+    return "instruction_unseen" if row.get("system_instruction") in heldout else row.get("capability") or "math"
 
 
 def with_system_instruction(row: dict, instruction: SystemInstruction | None) -> dict:

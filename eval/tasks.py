@@ -39,6 +39,7 @@ from .grading import (
     MGSM_LANGUAGES,
     bbh_gold_key,
     extract_bbh_answer,
+    extract_boxed,
     extract_choice_letter,
     extract_number,
     math_answer_correct,
@@ -680,6 +681,46 @@ for _kind, _name in (("single", "needle"), ("multihop", "needle_multihop")):
     register_task(Task(
         _name, lambda source, kind=_kind: load_needle_examples(source, kind), grade_needle, metric="mgsm_accuracy",
         max_new_tokens=16,
+    ))  # fmt: skip
+
+
+# Generated capabilities (eval/capabilities.py), each one's held-out split; `capability_instruction_unseen` is
+# instruction following under the held-out pool of system instructions (the same questions as
+# `capability_instruction`, so the two pair up). The module is imported when a task runs: it needs `datasets`,
+# which takes seconds to import.
+CAPABILITY_NAMES = ("math", "reasoning", "instruction", "coding")  # eval.capabilities.CAPABILITIES
+CAPABILITY_TEST_PROBLEMS = 100  # per language
+
+
+def _load_capability(source: DataSource, capability: str, pool: str = "train") -> list[Example]:
+    from .capabilities import capability_problems
+    from .synthetic import LANGUAGES
+
+    name = f"capability_{capability}" + ("_unseen" if pool == "heldout" else "")
+    # --languages is shared by all tasks of a run: the ones these tasks have (en, de, fr, es) apply.
+    languages = [language for language in source.languages or LANGUAGES if language in LANGUAGES]
+    if not languages:
+        raise DataUnavailableError(f"{name} has the languages {list(LANGUAGES)}, none of {list(source.languages)}")
+    count = CAPABILITY_TEST_PROBLEMS * len(languages)
+    rows = capability_problems(capability, "test", count, languages=languages, instructions=pool)
+    keys = ("level", "capability", "constraint", "system_instruction")
+    return [
+        Example(f"{name}/{i}", list(row["prompt"]), row["answer"], row["language"], {k: row[k] for k in keys})
+        for i, row in enumerate(rows)
+    ]
+
+
+def _grade_capability(output: str, example: Example) -> tuple[bool, Hashable | None]:
+    from .capabilities import capability_score
+
+    return bool(capability_score(output, {**example.meta, "answer": example.gold})), extract_boxed(output)
+
+
+for _capability, _pool in [*((c, "train") for c in CAPABILITY_NAMES), ("instruction", "heldout")]:
+    register_task(Task(
+        f"capability_{_capability}" + ("_unseen" if _pool == "heldout" else ""),
+        lambda source, capability=_capability, pool=_pool: _load_capability(source, capability, pool),
+        _grade_capability, metric="capability_accuracy", max_new_tokens=64,
     ))  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 
 import modeling_llama4
+from eval.capabilities import CAPABILITIES, capability_group, capability_score, heldout_mixture
 from eval.files import respect_umask, write_json_atomic
 from eval.generation import generate_completions
 from eval.grading import extract_boxed, math_answer_correct
@@ -24,7 +25,7 @@ from eval.loading import load_tokenizer as _load_tokenizer
 from eval.tasks import chat_examples, get_task
 from modeling_llama4 import Int4Config, quantize_model
 
-from .synthetic import LANGUAGES, LEVELS, arithmetic_problems
+from .synthetic import LANGUAGES, LEVELS, arithmetic_problems, capability_sft_rows, mixed_problems
 from .validation import check_arguments, check_run_manifest, load_task_dataset, parse_mapping, run_settings
 
 
@@ -81,6 +82,26 @@ class TaskArguments:
         metadata={"help": "Quantize the experts to int4 while loading (QLoRA with --use_peft; see docs/int4.md)."},
     )
     int4_group_size: int = field(default=128, metadata={"help": "Input features per int4 scale."})
+    # The capability mixture (eval/capabilities.py, docs/capabilities.md).
+    capabilities: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"Train and evaluate on a mixture of generated capabilities from {list(CAPABILITIES)}; empty: the "
+            "synthetic arithmetic task alone. The held-out set then has equal parts of each (and of instruction "
+            "following under unseen system instructions) and is scored per capability."
+        },
+    )
+    capability_shares: dict | str | None = field(
+        default=None,
+        metadata={"help": "Share of each of --capabilities in the train split (JSON/YAML mapping); empty: equal."},
+    )
+    capability_system_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "SFT with --capabilities: share of the rows outside the instruction family that also get a "
+            "train-pool system instruction (reference reply rewritten to satisfy it). RL samples its own."
+        },
+    )
 
 
 def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
@@ -100,9 +121,35 @@ def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[D
             test = test.select(range(args.heldout_problems))
         return train, test
     kwargs = dict(seed=args.task_seed, languages=args.languages, levels=args.levels)
+    if args.capabilities:
+        shares = mixture_shares(args)
+        if "completion" in columns:  # SFT: reference replies, some under a system instruction
+            fraction = args.capability_system_fraction
+            train = capability_sft_rows(shares, args.train_problems, system_fraction=fraction, **kwargs)
+        else:
+            train = mixed_problems(shares, "train", args.train_problems, **kwargs)
+        test = heldout_mixture(args.capabilities, args.heldout_problems, **kwargs) if args.heldout_problems else None
+        return train, test
     train = arithmetic_problems("train", args.train_problems, **kwargs)
     test = arithmetic_problems("test", args.heldout_problems, **kwargs) if args.heldout_problems else None
     return train, test
+
+
+def mixture_shares(args: TaskArguments) -> dict[str, float]:
+    """--capabilities with their --capability_shares (equal where none is given), checked."""
+    unknown = sorted(set(args.capabilities or ()) - set(CAPABILITIES))
+    if unknown:
+        raise InputError(f"--capabilities: no capability {unknown}; choose from {list(CAPABILITIES)}")
+    given = parse_mapping(args.capability_shares, "--capability_shares")
+    extra = sorted(set(given) - set(args.capabilities or ()))
+    if extra:
+        raise InputError(f"--capability_shares names {extra}, which --capabilities {args.capabilities} lacks")
+    shares = {name: given.get(name, 1.0) for name in args.capabilities}
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in shares.values()):
+        raise InputError(f"--capability_shares: shares are non-negative numbers, got {given}")
+    if sum(shares.values()) <= 0:
+        raise InputError(f"--capability_shares: at least one share must be above 0, got {given}")
+    return shares
 
 
 def load_model(
@@ -145,6 +192,8 @@ def prepare_run(model_args, task_args: TaskArguments, training_args) -> None:
     """Every check before a model is built (`recipes.validation`): the arguments, the paths, and that `output_dir`
     holds no run made with other settings (recorded in its run manifest)."""
     check_arguments(task_args, training_args, model_args)
+    if getattr(task_args, "capabilities", None):
+        mixture_shares(task_args)
     check_run_manifest(
         training_args.output_dir, run_settings(task_args, training_args, model_args),
         overwrite=task_args.overwrite_output_dir,
@@ -194,7 +243,37 @@ def format_reward(completions: list, **kwargs) -> list[float]:
     return scores
 
 
-REWARD_FUNCTIONS = {"accuracy_reward": accuracy_reward, "format_reward": format_reward}
+def capability_reward(
+    completions: list,
+    answer: list[str],
+    capability: list[str] | None = None,
+    constraint: list[str] | None = None,
+    **kwargs,
+) -> list[float]:
+    """1.0 where the completion is right for its row's capability AND satisfies the row's constraint (if any):
+    `eval.capabilities.capability_score` on the `answer`, `capability` and `constraint` columns (math without
+    them)."""
+    n = len(completions)
+    capability, constraint = capability or ["math"] * n, constraint or [""] * n
+    rows = [{"answer": a, "capability": c, "constraint": k} for a, c, k in zip(answer, capability, constraint)]
+    return [capability_score(_completion_text(c), row) for c, row in zip(completions, rows)]
+
+
+def dataset_pass_rates(samples: list[list[str]], dataset: Dataset) -> list[float]:
+    """Share of each row's samples that are right: math-verify on `answer`, or `capability_score` for rows with a
+    `capability` column (the judge filter's grader)."""
+    if "capability" not in dataset.column_names:
+        grade = [lambda text, gold=str(gold): float(math_answer_correct(text, gold)) for gold in dataset["answer"]]
+    else:
+        grade = [lambda text, row=row: capability_score(text, row) for row in dataset]
+    return [sum(map(g, outputs)) / len(outputs) for outputs, g in zip(samples, grade)]
+
+
+REWARD_FUNCTIONS = {
+    "accuracy_reward": accuracy_reward,
+    "format_reward": format_reward,
+    "capability_reward": capability_reward,
+}
 
 
 def reward_function(name: str):
@@ -228,14 +307,18 @@ def heldout_accuracy(
 ) -> dict[str, Any]:
     """Greedy pass@1 on `dataset` (`prompt`, `answer`), overall and per `level` / `language` when present, plus
     the share of answers that carry a `\\boxed{}`. Graded by the eval harness's `synthetic` task, the same
-    task `python -m eval --tasks synthetic` runs."""
+    task `python -m eval --tasks synthetic` runs; rows with a `capability` column (`--capabilities`) by
+    `eval.capabilities.capability_score`, also reported per capability (`accuracy_by_capability`)."""
     task = get_task("synthetic")
     examples = chat_examples(dataset)
     completions = generate_completions(
         model, tokenizer, [example.messages for example in examples], max_new_tokens=max_new_tokens,
         batch_size=batch_size, progress=progress, desc=desc,
     )  # fmt: skip
-    correct = [task.grade(samples[0], example)[0] for samples, example in zip(completions, examples)]
+    if "capability" in dataset.column_names:
+        correct = [bool(capability_score(samples[0], row)) for samples, row in zip(completions, dataset)]
+    else:
+        correct = [task.grade(samples[0], example)[0] for samples, example in zip(completions, examples)]
     result: dict[str, Any] = {
         "accuracy": sum(correct) / len(correct),
         "boxed_rate": sum(extract_boxed(samples[0]) is not None for samples in completions) / len(completions),
@@ -248,6 +331,11 @@ def heldout_accuracy(
             for key, ok in zip(dataset[column], correct):
                 groups[key].append(ok)
             result[f"accuracy_by_{column}"] = {str(k): sum(v) / len(v) for k, v in sorted(groups.items())}
+    if "capability" in dataset.column_names:
+        groups = defaultdict(list)
+        for row, ok in zip(dataset, correct):
+            groups[capability_group(row)].append(ok)
+        result["accuracy_by_capability"] = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
     result["examples"] = [
         {"prompt": p[-1]["content"], "answer": str(a), "output": c[0]}
         for p, a, c in list(zip(dataset["prompt"], dataset["answer"], completions))[:3]

@@ -17,9 +17,9 @@ from typing import Any
 
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
-from eval.grading import math_answer_correct
 from recipes.common import (
     TaskArguments,
+    dataset_pass_rates,
     defer_hub_push,
     finish_recipe,
     load_model,
@@ -29,7 +29,7 @@ from recipes.common import (
     task_datasets,
     train_resumably,
 )
-from recipes.judge import filter_hard, pass_rates
+from recipes.judge import filter_hard
 from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.sampling import cached_samples
 from recipes.validation import run_recipe
@@ -67,7 +67,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
             max_new_tokens=script_args.judge_max_new_tokens, batch_size=script_args.heldout_batch_size,
             seed=training_args.seed, desc="judge filter",
         )  # fmt: skip
-        rates = pass_rates(samples, list(train["answer"]), math_answer_correct)
+        rates = dataset_pass_rates(samples, train)
         train, report = filter_hard(train, rates, script_args.judge_threshold, output_dir / "filter_report.json")
         print(f"judge filter kept {report['kept']}/{report['total']} prompts ({report['kept_fraction']:.0%})")
         if len(train) == 0:

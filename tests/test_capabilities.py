@@ -287,3 +287,120 @@ def test_with_system_instruction_takes_a_system_instruction():
     row = capability_problems("reasoning", "train", 1, languages=["en"])[0]
     new = with_system_instruction(row, custom)
     assert _reply(new).startswith("Calculamos") and "La respuesta es" in _reply(new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The eval tasks, the metric module, and the recipes' reward and data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_each_capability_is_an_eval_task():
+    from eval import tasks
+    from eval.tasks import DataSource, get_task
+
+    assert tasks.CAPABILITY_NAMES == CAPABILITIES
+    for name in [*(f"capability_{c}" for c in CAPABILITIES), "capability_instruction_unseen"]:
+        task = get_task(name)
+        examples = task.load(DataSource(languages=("es", "zh")))  # a language these tasks lack is left out
+        assert len(examples) == 100 and {e.subset for e in examples} == {"es"}
+        rows = capability_problems(
+            name.removeprefix("capability_").removesuffix("_unseen"), "test", 100, languages=["es"],
+            instructions="heldout" if name.endswith("_unseen") else "train",
+        )  # fmt: skip
+        assert [e.messages for e in examples] == list(rows["prompt"]) and [e.gold for e in examples] == rows["answer"]
+        assert all(task.grade(_reply(row), example)[0] for row, example in zip(rows, examples))
+        assert not any(task.grade("\\boxed{-1}", example)[0] for example in examples)
+    with pytest.raises(tasks.DataUnavailableError, match="none of \\['zh'\\]"):
+        get_task("capability_math").load(DataSource(languages=("zh",)))
+
+
+def test_metric_module_scores_like_the_checker(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    import evaluate
+
+    metrics = Path(__file__).resolve().parents[1] / "eval" / "metrics"
+    for module in ("grading", "capabilities", "expr_lang", "synthetic"):
+        link = metrics / "capability_accuracy" / f"{module}.py"
+        assert link.is_symlink() and link.resolve() == (metrics.parent / f"{module}.py").resolve()
+    monkeypatch.chdir(tmp_path)  # loads without the `eval` package importable
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", ".", str(metrics.parents[1]))])
+    metric = evaluate.load(str(metrics / "capability_accuracy"))
+    rows = capability_problems("instruction", "test", 6).to_list() + capability_problems("coding", "test", 6).to_list()
+    outputs = [_reply(r) if i % 2 else "\\boxed{-1}" for i, r in enumerate(rows)]
+    scored = metric.compute(
+        predictions=outputs, references=[r["answer"] for r in rows], capabilities=[r["capability"] for r in rows],
+        constraints=[r["constraint"] for r in rows],
+    )  # fmt: skip
+    assert (
+        scored
+        == {"accuracy": sum(capability_score(o, r) for o, r in zip(outputs, rows)) / len(rows)}
+        == {"accuracy": 0.5}
+    )
+
+
+def test_capability_reward_is_the_checker_on_trl_columns():
+    from recipes.common import REWARD_FUNCTIONS, accuracy_reward
+
+    reward = REWARD_FUNCTIONS["capability_reward"]
+    rows = [r for c in CAPABILITIES for r in capability_problems(c, "train", 4)]
+    completions = [
+        [{"role": "assistant", "content": _reply(r) if i % 3 else "\\boxed{-1}"}] for i, r in enumerate(rows)
+    ]
+    columns = {k: [r[k] for r in rows] for k in ("answer", "capability", "constraint", "language", "level")}
+    scores = reward(completions, **columns, prompts=[r["prompt"] for r in rows])
+    assert scores == [capability_score(c[0]["content"], r) for c, r in zip(completions, rows)]
+    assert scores == [float(i % 3 != 0) for i in range(len(rows))]
+    # Math rows without the capability columns (the arithmetic task) score like accuracy_reward.
+    math = arithmetic_problems("train", 6)
+    texts = [_reply(r) if i % 2 else "The final answer is \\boxed{-1}." for i, r in enumerate(math)]
+    assert reward(texts, answer=math["answer"]) == accuracy_reward(texts, answer=math["answer"])
+
+
+def test_task_datasets_with_capabilities():
+    from recipes.common import TaskArguments, dataset_pass_rates, mixture_shares, task_datasets
+    from recipes.validation import InputError
+
+    args = TaskArguments(
+        capabilities=["math", "coding", "instruction"], capability_shares='{"math": 2, "coding": 1, "instruction": 1}',
+        train_problems=40, heldout_problems=40, levels=[1, 2],
+    )  # fmt: skip
+    train, test = task_datasets(args)
+    assert [train["capability"].count(c) for c in ("math", "coding", "instruction")] == [20, 10, 10]
+    assert set(train["level"]) == {1, 2} and train.to_list() == task_datasets(args)[0].to_list()
+    groups = [r["capability"] + ("_unseen" if r["system_instruction"].startswith("h-") else "") for r in test]
+    assert {g: groups.count(g) for g in groups} == {
+        "math": 10,
+        "coding": 10,
+        "instruction": 10,
+        "instruction_unseen": 10,
+    }
+    heldout_ids = {si.id for si in SYSTEM_INSTRUCTIONS["heldout"]}
+    assert not heldout_ids & set(train["system_instruction"])
+    sft_train, _ = task_datasets(args, ("completion",))  # SFT: some rows also carry a train-pool instruction
+    with_system = [r for r in sft_train if r["capability"] != "instruction" and r["system_instruction"]]
+    assert len(with_system) == 30 // 4 and not heldout_ids & set(sft_train["system_instruction"])
+    assert all(capability_score(_reply(r), r) == 1.0 for r in sft_train)
+    rates = dataset_pass_rates([[_reply(r), "\\boxed{-1}"] for r in test], test)
+    assert rates == [0.5] * len(test)
+    # Without --capabilities: the arithmetic task, unchanged.
+    plain, _ = task_datasets(TaskArguments(train_problems=8, heldout_problems=0))
+    assert plain.to_list() == arithmetic_problems("train", 8).to_list()
+    with pytest.raises(InputError, match="no capability \\['art'\\]"):
+        mixture_shares(TaskArguments(capabilities=["math", "art"]))
+    with pytest.raises(InputError, match="names \\['coding'\\], which --capabilities"):
+        mixture_shares(TaskArguments(capabilities=["math"], capability_shares={"coding": 1}))
+    with pytest.raises(InputError, match="non-negative numbers"):
+        mixture_shares(TaskArguments(capabilities=["math"], capability_shares={"math": "a lot"}))
+
+
+def test_heldout_accuracy_per_capability(monkeypatch):
+    from recipes import common
+
+    test = common.heldout_mixture(["reasoning", "instruction"], 12)
+    outputs = [[_reply(r)] if i % 2 else ["\\boxed{-1}"] for i, r in enumerate(test)]
+    monkeypatch.setattr(common, "generate_completions", lambda *args, **kwargs: outputs)
+    result = common.heldout_accuracy(None, None, test, progress=False)
+    assert result["correct"] == [i % 2 for i in range(12)] and result["accuracy"] == 0.5
+    assert set(result["accuracy_by_capability"]) == {"reasoning", "instruction", "instruction_unseen"}

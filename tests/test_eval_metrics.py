@@ -11,7 +11,7 @@ METRICS = Path(__file__).resolve().parents[1] / "eval" / "metrics"
 
 @pytest.fixture(scope="module")
 def metrics():
-    names = ("math_accuracy", "gpqa_accuracy", "mgsm_accuracy", "bbh_accuracy")
+    names = ("math_accuracy", "gpqa_accuracy", "mgsm_accuracy", "bbh_accuracy", "capability_accuracy")
     return {name: evaluate.load(str(METRICS / name)) for name in names}
 
 
@@ -96,5 +96,10 @@ def test_each_task_grades_like_its_metric_module(metrics):
                 kwargs = {"languages": [example.subset]} if task.metric == "mgsm_accuracy" else {}
                 if task.metric == "bbh_accuracy":
                     kwargs = {"tasks": [example.subset], "inputs": [example.meta["input"]]}
+                if task.metric == "capability_accuracy":
+                    kwargs = {
+                        "capabilities": [example.meta["capability"]],
+                        "constraints": [example.meta["constraint"]],
+                    }
                 scored = metrics[task.metric].compute(predictions=[output], references=[example.gold], **kwargs)
                 assert scored["accuracy"] == float(task.grade(output, example)[0]), (task.name, example.id, output)
