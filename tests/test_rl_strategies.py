@@ -369,3 +369,35 @@ def test_trainer_with_every_strategy_resumes_to_the_same_weights_and_pool(tmp_pa
         torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)
     start = load_file(tmp_path / "policy/model.safetensors")
     assert any(not torch.equal(first[key], start[key]) for key in first)  # training moved the weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ablation script
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ablation_smoke_runs_every_arm_end_to_end(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_rl_ablation.py"
+    spec = importlib.util.spec_from_file_location("bench_rl_ablation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--output_dir", str(tmp_path), "--smoke"])
+    assert list(report["arms"]) == ["a", "b", "c", "d", "e"]
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["arms"].keys() == report["arms"].keys() and not list(tmp_path.glob("*.tmp"))
+    for result in saved["arms"].values():
+        for task in bench.TASKS:
+            change = result["vs_sft"][task]
+            assert change["gained"] + change["lost"] <= result["heldout"][task]["num_problems"] == 4
+            assert 0 <= change["p_value"] <= 1
+    # The arms trained as configured: math-only batches draw math alone; (e) re-scored its pool.
+    logs = {arm: json.loads((tmp_path / f"rl_{arm}" / "stage_results.json").read_text()) for arm in "ae"}
+    shares = [e["mixture/math/draw_share"] for e in logs["a"]["log_history"] if "mixture/math/draw_share" in e]
+    assert shares and set(shares) == {1.0}
+    assert any("refilter/kept" in entry for entry in logs["e"]["log_history"])
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| e: (d) + continuous filtering |" in table and "instruction_unseen" in table
