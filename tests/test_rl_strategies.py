@@ -158,6 +158,25 @@ def test_mixture_arguments_are_checked(tmp_path):
         )  # fmt: skip
 
 
+def test_online_rl_refuses_the_math_only_reward_for_capabilities_or_system_instructions(tmp_path):
+    from eval.loading import InputError
+    from recipes.online_rl import OnlineRLScriptArguments, check_rewards
+
+    def config(**kwargs):
+        return OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+    math_task = OnlineRLScriptArguments()
+    check_rewards(math_task, config())  # the arithmetic task with its own rewards
+    with pytest.raises(InputError, match="--capabilities: accuracy_reward"):
+        check_rewards(OnlineRLScriptArguments(capabilities=["math", "coding"]), config())
+    with pytest.raises(InputError, match="--system_instructions sampled: accuracy_reward"):
+        check_rewards(math_task, config(system_instructions="sampled"))
+    check_rewards(
+        OnlineRLScriptArguments(capabilities=["math", "coding"], reward_funcs=["capability_reward"]),
+        config(pass_rate_reward="capability_reward", system_instructions="sampled"),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Continuous filtering
 # ---------------------------------------------------------------------------------------------------------------
