@@ -161,36 +161,6 @@ class OnlineRLConfig(GRPOConfig):
             raise InputError("--system_instruction_id is used only with --system_instructions fixed")
 
 
-class PromptStats:
-    """Attempts and successes per prompt of the train set."""
-
-    def __init__(self, num_prompts: int):
-        self.attempts = torch.zeros(num_prompts, dtype=torch.float64)
-        self.successes = torch.zeros(num_prompts, dtype=torch.float64)
-        self.draws = 0
-
-    def pass_rates(self) -> torch.Tensor:
-        return (self.successes + 1) / (self.attempts + 2)
-
-    def update(self, indices: list[int], solved: list[float]) -> None:
-        for index, value in zip(indices, solved):
-            self.attempts[index] += 1
-            self.successes[index] += value
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"attempts": self.attempts.tolist(), "successes": self.successes.tolist(), "draws": self.draws}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["attempts"]) != len(self.attempts):
-            raise ValueError(
-                f"checkpoint's prompt statistics cover {len(state['attempts'])} prompts but the train set has "
-                f"{len(self.attempts)}: resume with the same dataset arguments"
-            )
-        self.attempts = torch.tensor(state["attempts"], dtype=torch.float64)
-        self.successes = torch.tensor(state["successes"], dtype=torch.float64)
-        self.draws = state["draws"]
-
-
 class PromptPool:
     """Which train prompts may be drawn (continuous filtering), with each prompt's latest pass rate over k answers
     (NaN: never re-scored; an unscored prompt stays in the pool)."""
@@ -260,6 +230,36 @@ def normalize_groups(weights: torch.Tensor, groups: torch.Tensor, totals: torch.
     sums = torch.zeros(len(totals), dtype=weights.dtype).index_add_(0, groups, weights)
     scale = torch.where(sums > 0, totals.to(weights.dtype) / sums.clamp_min(1e-300), torch.zeros_like(sums))
     return weights * scale[groups]
+
+
+class PromptStats:
+    """Attempts and successes per prompt of the train set."""
+
+    def __init__(self, num_prompts: int):
+        self.attempts = torch.zeros(num_prompts, dtype=torch.float64)
+        self.successes = torch.zeros(num_prompts, dtype=torch.float64)
+        self.draws = 0
+
+    def pass_rates(self) -> torch.Tensor:
+        return (self.successes + 1) / (self.attempts + 2)
+
+    def update(self, indices: list[int], solved: list[float]) -> None:
+        for index, value in zip(indices, solved):
+            self.attempts[index] += 1
+            self.successes[index] += value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"attempts": self.attempts.tolist(), "successes": self.successes.tolist(), "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["attempts"]) != len(self.attempts):
+            raise ValueError(
+                f"checkpoint's prompt statistics cover {len(state['attempts'])} prompts but the train set has "
+                f"{len(self.attempts)}: resume with the same dataset arguments"
+            )
+        self.attempts = torch.tensor(state["attempts"], dtype=torch.float64)
+        self.successes = torch.tensor(state["successes"], dtype=torch.float64)
+        self.draws = state["draws"]
 
 
 # Tensors in GRPO's generation output that are padded on the left (prompts); the other 2-D ones are right padded.
