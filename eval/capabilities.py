@@ -197,13 +197,10 @@ def constraint_holds(text: str, constraint: dict | None) -> bool:
         return reply_language(text) == constraint["language"]
     if kind == "wrapper":
         stripped, open_, close = text.strip(), constraint["open"], constraint["close"]
-        return (
-            stripped.startswith(open_)
-            and stripped.endswith(close)
-            and len(stripped) >= len(open_) + len(close)
-            and stripped.count(open_) == 1
-            and stripped.count(close) == 1
-        )
+        if len(stripped) < len(open_) + len(close) or not (stripped.startswith(open_) and stripped.endswith(close)):
+            return False
+        inner = stripped[len(open_) : len(stripped) - len(close)]
+        return open_ not in inner and close not in inner  # wrapped once
     if kind == "word_limit":
         return _word_count(text) <= constraint["max_words"]
     if kind == "banned":
@@ -650,19 +647,23 @@ def with_system_instruction(row: dict, instruction: SystemInstruction | None) ->
     removes the system message and the constraint. Rewrites that drop words (word limit, banned word) are not
     undone by a later instruction; translations and wrappers are."""
     prompt = [dict(message) for message in row["prompt"] if message["role"] != "system"]
-    completion = [dict(message) for message in row["completion"]]
-    constraint = instruction.constraint if instruction is not None else None
-    if completion:
-        completion[-1]["content"] = satisfy(_translate(completion[-1]["content"], row["language"]), constraint)
     if instruction is not None:
         prompt = [{"role": "system", "content": instruction.text}, *prompt]
-    return {
+    constraint = instruction.constraint if instruction is not None else None
+    new = {
         **row,
         "prompt": prompt,
-        "completion": completion,
         "constraint": json.dumps(constraint, sort_keys=True) if constraint else "",
         "system_instruction": instruction.id if instruction is not None else "",
     }
+    if row.get("completion"):  # RL rows come without one
+        completion = [dict(message) for message in row["completion"]]
+        reply = completion[-1]["content"]
+        if row.get("language") in LANGUAGE_PHRASES:  # undo an earlier instruction's translation
+            reply = _translate(reply, row["language"])
+        completion[-1]["content"] = satisfy(reply, constraint)
+        new["completion"] = completion
+    return new
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -671,15 +672,25 @@ def with_system_instruction(row: dict, instruction: SystemInstruction | None) ->
 
 
 def _boxed_correct(text: str, answer: str) -> bool:
-    if re.fullmatch(r"-?\d+", answer.strip()):
-        return math_answer_correct(text, answer)
+    # The last boxed answer decides: an integer equal to an integer answer, or the name, case aside. Stricter than
+    # math-verify, which falls back to the last number in the text when the box does not parse ("7 + 8 = 15.
+    # \\boxed{Anna}" would count for 15).
     boxed = extract_boxed(text)
-    return boxed is not None and boxed.strip().rstrip(".").strip().casefold() == answer.strip().casefold()
+    if boxed is None:
+        return False
+    boxed, answer = boxed.strip().rstrip(".").strip(), answer.strip()
+    if re.fullmatch(r"-?\d+", answer):
+        return re.fullmatch(r"[-+]?\d+", boxed) is not None and int(boxed) == int(answer)
+    return boxed.casefold() == answer.casefold()
 
 
 def capability_score(completion_text: str, row: dict) -> float:
     """1.0 when `completion_text` answers `row` right for its capability AND satisfies the row's constraint (if
-    any), else 0.0. `row` needs `answer` and `capability`; `constraint` (JSON or "") is optional."""
+    any), else 0.0. `row` needs `answer` and `capability`; `constraint` (JSON or "") is optional.
+
+    math: math-verify, as `accuracy_reward` and the `synthetic` task grade; reasoning and instruction: the last
+    `\\boxed{}` holds the answer (an equal integer, or the name case aside); coding: the last `\\boxed{}` holds a
+    program that `eval.expr_lang` runs to the reference program's values on every test input."""
     if not isinstance(completion_text, str):
         return 0.0
     capability, answer = row.get("capability") or "math", str(row["answer"])

@@ -90,6 +90,18 @@ def test_math_checker():
     assert capability_score("no idea", row) == 0.0
 
 
+def test_boxed_answer_decides_outside_math():
+    # math-verify (the math rows' grader, as accuracy_reward) falls back to the last number when the box does not
+    # parse; the other families read the box alone.
+    from recipes.common import accuracy_reward
+
+    text = "On calcule 7 + 8 = 15. La réponse est \\boxed{María}."
+    assert capability_score(text, _row("math", "15")) == accuracy_reward([text], answer=["15"])[0]
+    assert capability_score(text, _row("instruction", "15")) == 0.0
+    assert capability_score("\\boxed{+15}.", _row("instruction", "15")) == 1.0
+    assert capability_score("The answer is 15.", _row("instruction", "15")) == 0.0  # no box
+
+
 def test_reasoning_checker():
     row = _row("reasoning", "Léa")
     assert capability_score("On calcule Léa > Hugo. La réponse est \\boxed{Léa}.", row) == 1.0
@@ -117,6 +129,8 @@ def test_instruction_checker_needs_answer_and_constraint():
     assert capability_score("We get 4 + 5 = 9. The final answer is \\boxed{9}.", wrapper) == 0.0  # no wrapper
     assert capability_score("<ans>The final answer is \\boxed{8}.</ans>", wrapper) == 0.0  # wrong answer
     assert capability_score("<ans><ans>\\boxed{9}</ans>", wrapper) == 0.0  # opened twice
+    same = _row("instruction", "9", {"kind": "wrapper", "open": "**", "close": "**"})
+    assert capability_score("**\\boxed{9}**", same) == 1.0 and capability_score("**\\boxed{9}** **", same) == 0.0
 
     german = _row("instruction", "Tom", {"kind": "language", "language": "de"})
     assert capability_score("Wir rechnen Tom > Anna. Die Antwort lautet \\boxed{Tom}.", german) == 1.0
@@ -200,6 +214,16 @@ def test_replacing_and_removing_an_instruction():
     removed = with_system_instruction(twice, None)
     assert removed["prompt"] == row["prompt"] and _reply(removed) == _reply(row)
     assert removed["constraint"] == "" and removed["system_instruction"] == ""
+
+
+def test_rl_rows_without_a_completion_take_an_instruction():
+    row = capability_problems("coding", "train", 1)[0]
+    del row["completion"]  # online_rl drops it
+    new = with_system_instruction(row, SYSTEM_INSTRUCTIONS["train"][0])
+    assert "completion" not in new and new["prompt"][0]["role"] == "system" and new["constraint"] == ""
+    assert with_system_instruction({"prompt": row["prompt"]}, None) == {
+        "prompt": row["prompt"], "constraint": "", "system_instruction": ""
+    }  # fmt: skip
 
 
 def test_instruction_family_uses_the_chosen_pool():
@@ -384,9 +408,14 @@ def test_task_datasets_with_capabilities():
     assert all(capability_score(_reply(r), r) == 1.0 for r in sft_train)
     rates = dataset_pass_rates([[_reply(r), "\\boxed{-1}"] for r in test], test)
     assert rates == [0.5] * len(test)
-    # Without --capabilities: the arithmetic task, unchanged.
+    # Without --capabilities: the arithmetic task, unchanged, and the judge filter's grading as before.
+    from eval.grading import math_answer_correct
+    from recipes.judge import pass_rates
+
     plain, _ = task_datasets(TaskArguments(train_problems=8, heldout_problems=0))
     assert plain.to_list() == arithmetic_problems("train", 8).to_list()
+    samples = [[_reply(r), "The final answer is \\boxed{-1}.", _reply(r)] for r in plain]
+    assert dataset_pass_rates(samples, plain) == pass_rates(samples, plain["answer"], math_answer_correct)
     with pytest.raises(InputError, match="no capability \\['art'\\]"):
         mixture_shares(TaskArguments(capabilities=["math", "art"]))
     with pytest.raises(InputError, match="names \\['coding'\\], which --capabilities"):
@@ -404,3 +433,64 @@ def test_heldout_accuracy_per_capability(monkeypatch):
     result = common.heldout_accuracy(None, None, test, progress=False)
     assert result["correct"] == [i % 2 for i in range(12)] and result["accuracy"] == 0.5
     assert set(result["accuracy_by_capability"]) == {"reasoning", "instruction", "instruction_unseen"}
+
+
+@pytest.mark.slow
+def test_heldout_accuracy_generates_under_system_messages():
+    # The real path once: the chat template renders the system messages and generation runs on them.
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+    from recipes import common
+
+    tiny = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny"
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig.from_pretrained(tiny)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    test = common.heldout_mixture(["coding", "instruction"], 6)
+    assert sum(r["prompt"][0]["role"] == "system" for r in test) == 4
+    result = common.heldout_accuracy(model, tokenizer, test, max_new_tokens=3, batch_size=6, progress=False)
+    assert result["num_problems"] == 6 and result["accuracy"] == 0.0  # an untrained model
+    assert set(result["accuracy_by_capability"]) == {"coding", "instruction", "instruction_unseen"}
+
+
+_ROWS = [r for c in ("math", "reasoning", "coding") for r in capability_problems(c, "train", 30)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(row=st.sampled_from(_ROWS), data=st.data())
+def test_any_constraint_instance_can_be_satisfied(row, data):
+    # Beyond the pools: random word limits, banned words taken from the reply itself, arbitrary wrappers and target
+    # languages. The rewritten reply keeps the right answer and satisfies the constraint; only a banned word inside
+    # the boxed answer cannot be avoided, and that is refused.
+    reply = _reply(row)
+    boxed = reply[reply.index("\\boxed{") :]
+    in_box = {w.casefold() for w in re.findall(r"[^\W\d]+", boxed)}
+    words = sorted({w for w in re.findall(r"[^\W\d]+", reply) if w.casefold() not in in_box})
+    kind = data.draw(st.sampled_from(["language", "wrapper", "word_limit", "banned"]))
+    if kind == "language":
+        constraint = {"kind": kind, "language": data.draw(st.sampled_from(["en", "de", "fr", "es"]))}
+    elif kind == "wrapper":
+        tags = data.draw(st.sampled_from([("<a>", "</a>"), ("{{", "}}"), ("##", "##"), ("```", "```")]))
+        constraint = {"kind": kind, "open": tags[0], "close": tags[1]}
+    elif kind == "word_limit":
+        constraint = {"kind": kind, "max_words": data.draw(st.integers(1, 15))}
+    else:
+        constraint = {"kind": kind, "token": data.draw(st.sampled_from(words))}
+    new = with_system_instruction(row, SystemInstruction("random", "(a random constraint)", constraint))
+    assert constraint_holds(_reply(new), constraint) and capability_score(_reply(new), new) == 1.0, _reply(new)
+    assert (_reply(new) == reply) == constraint_holds(reply, constraint)
+
+
+def test_unsatisfiable_constraints_are_refused():
+    # A banned word inside the boxed answer, or wrapper tags that occur in the reply itself.
+    rows = capability_problems("coding", "train", 30, languages=["en"])
+    row = next(r for r in rows if r["level"] == 1)
+    with pytest.raises(ValueError, match="cannot rewrite .* to satisfy"):
+        with_system_instruction(row, SystemInstruction("ban", "...", {"kind": "banned", "token": row["answer"][0]}))
+    row = next(r for r in rows if "(" in r["answer"])
+    with pytest.raises(ValueError, match="cannot rewrite .* to satisfy"):
+        with_system_instruction(row, SystemInstruction("wrap", "...", {"kind": "wrapper", "open": "(", "close": ")"}))
