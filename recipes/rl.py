@@ -458,11 +458,7 @@ class OnlineRLTrainer(GRPOTrainer):
             instruction = self._instructions[pick]
             if instruction.id in self._heldout_instruction_ids:  # never: the pools are disjoint, checked at start
                 raise AssertionError(f"held-out system instruction {instruction.id!r} drawn in training")
-            # GRPO's rows carry no reference completion (none is trained on); the rewrite needs the key only.
-            rewritten = with_system_instruction({"completion": [], **row}, instruction)
-            if "completion" not in row:
-                del rewritten["completion"]
-            result.append(rewritten)
+            result.append(with_system_instruction(row, instruction))
         return result
 
     def _log_mixture(self, indices: list[int]) -> None:
