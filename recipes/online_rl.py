@@ -1,11 +1,15 @@
 """Online RL with hard-prompt sampling, adaptive filtering and a curriculum (Llama 4's second post-training stage).
 
     accelerate launch recipes/online_rl.py --config recipes/configs/online_rl_tiny.yaml --model_name_or_path PATH
+    accelerate launch recipes/online_rl.py --config recipes/configs/online_rl_capabilities_tiny.yaml ...
 
 GRPO (TRL) with the extensions in `recipes/rl.py`: prompts are drawn by their running pass rate, groups whose
 rewards all agree are dropped and refilled, and a difficulty cap rises over training. Rewards: answer correctness
-(math-verify through `eval.grading`) and format (one `\\boxed{}` answer at the end). Re-running a killed command
-resumes from the last complete checkpoint, pass-rate statistics included.
+(math-verify through `eval.grading`) and format (one `\\boxed{}` answer at the end). With `--capabilities` (the
+capability mixture, `capability_reward`) the batches follow a mixture over the capabilities, prompts can get a
+system instruction sampled from the train pool, and the policy can re-filter the prompt pool by pass@k every few
+steps (docs/rl_strategies.md). Re-running a killed command resumes from the last complete checkpoint, pass-rate
+statistics and prompt pool included.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from recipes.common import (
 )
 from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.rl import OnlineRLConfig, OnlineRLTrainer
-from recipes.validation import run_recipe
+from recipes.validation import InputError, run_recipe
 
 
 @dataclass
@@ -39,9 +43,26 @@ class OnlineRLScriptArguments(MetaPArguments, TaskArguments):
     )
 
 
+def check_rewards(script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig) -> None:
+    """`accuracy_reward` grades arithmetic only: neither other capabilities' answers nor a system instruction's
+    constraint. Refuse the pairings that would train on a silently wrong reward, before a model loads."""
+    math_only = "accuracy_reward" in script_args.reward_funcs or training_args.pass_rate_reward == "accuracy_reward"
+    if math_only and (script_args.capabilities or training_args.system_instructions != "none"):
+        flag = (
+            "--capabilities"
+            if script_args.capabilities
+            else f"--system_instructions {training_args.system_instructions}"
+        )
+        raise InputError(
+            f"{flag}: accuracy_reward checks arithmetic answers only (not the other capabilities or an instruction's "
+            "constraint); use --reward_funcs capability_reward --pass_rate_reward capability_reward"
+        )
+
+
 def main(
     script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
+    check_rewards(script_args, training_args)
     rewards = [reward_function(name) for name in script_args.reward_funcs]
     with_metap_overrides(script_args)
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)

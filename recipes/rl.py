@@ -10,9 +10,24 @@
    or below a difficulty cap are drawn; the cap rises evenly from the easiest to the hardest level over the first
    `curriculum_fraction` of training. Each unlocked level gets an equal share of the draws (`balance_difficulty`).
 
+4. Multi-capability batches. With a capability column (`mixture_column`), every draw follows a mixture over the
+   capabilities: fixed shares (`mixture_shares`, default equal), or, with `mixture_rule: pass_rate`, shares that
+   follow each capability's pass rate: share_c ∝ base_c * max(1 - P_c, `mixture_floor`), where P_c = (S_c + 1) /
+   (A_c + 2) pools the successes S_c and attempts A_c of all the capability's prompts, so a weaker capability gets
+   more of the batch and a mastered one keeps a floor. Within a capability the rules above apply unchanged (hard-
+   prompt weights, curriculum cap, equal shares per unlocked level). A capability with nothing drawable (locked
+   by the curriculum, filtered out of the pool) gives its share to the others.
+5. System instructions (`system_instructions`): none, one fixed instruction for every prompt, or one sampled per
+   prompt from the train pool of `eval.capabilities.SYSTEM_INSTRUCTIONS` (seeded by the draw counter). The held-out
+   pool is for evaluation only and is never drawn.
+6. Continuous filtering (`refilter_steps`): every N steps, starting at step 0, the policy answers a seeded sample
+   of the train prompts (`refilter_prompts`, 0: all) `refilter_samples` times at the training temperature; a
+   scored prompt stays in the pool iff its pass rate lies in [`refilter_min_pass_rate`, `refilter_max_pass_rate`]
+   (the defaults drop the prompts it always or never solves). Only pool prompts are drawn.
+
 The trainer draws the prompts itself when it generates (the dataloader only paces the steps), so the draw always
-sees the latest pass rates and a resumed run draws exactly what an uninterrupted one would: the pass-rate table
-and draw counter are saved in every checkpoint.
+sees the latest pass rates and a resumed run draws exactly what an uninterrupted one would: the pass-rate table,
+draw counter and prompt pool are saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -29,8 +44,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 import modeling_llama4  # noqa: F401  (registers our classes for the reference GRPO reloads with beta > 0)
+from eval.capabilities import SYSTEM_INSTRUCTIONS, with_system_instruction
+from eval.generation import generate_completions
+from eval.loading import InputError
 
 from .common import write_json_atomic
+from .validation import parse_mapping
 
 STATS_FILE = "prompt_stats.json"
 
@@ -66,6 +85,151 @@ class OnlineRLConfig(GRPOConfig):
             "within a level). Without it the easy levels, whose pass rates sit nearer 0.5, take most draws."
         },
     )
+    mixture_column: str | None = field(
+        default="capability",
+        metadata={"help": "Column naming each prompt's capability (missing column: no mixture, one pool)."},
+    )
+    mixture_shares: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Base share of each batch per capability (JSON/YAML mapping, e.g. '{math: 1.0}' for math-only "
+            "batches); capabilities left out are never drawn. Empty: equal shares over the train set's capabilities."
+        },
+    )
+    mixture_rule: str = field(
+        default="fixed",
+        metadata={
+            "help": "'fixed': the base shares; 'pass_rate': base share x max(1 - capability pass rate, "
+            "mixture_floor), renormalised, so the weaker capabilities get more of each batch."
+        },
+    )
+    mixture_floor: float = field(
+        default=0.1, metadata={"help": "'pass_rate' rule: the least factor a capability keeps, however well solved."}
+    )
+    system_instructions: str = field(
+        default="none",
+        metadata={
+            "help": "'none': prompts as in the data; 'fixed': `system_instruction_id` on every prompt; 'sampled': one "
+            "instruction per prompt from the train pool (eval.capabilities.SYSTEM_INSTRUCTIONS['train'])."
+        },
+    )
+    system_instruction_id: str | None = field(
+        default=None, metadata={"help": "'fixed' mode: the train-pool instruction to use (empty: the pool's first)."}
+    )
+    system_instruction_share: float = field(
+        default=1.0, metadata={"help": "'sampled' mode: the share of prompts that get an instruction (the rest none)."}
+    )
+    refilter_steps: int = field(
+        default=0,
+        metadata={"help": "Continuous filtering: re-score the prompt pool with the policy every N steps (0: off)."},
+    )
+    refilter_prompts: int = field(
+        default=0, metadata={"help": "Prompts re-scored each time, a seeded sample of the train set (0: all)."}
+    )
+    refilter_samples: int = field(default=4, metadata={"help": "Answers per re-scored prompt (the k of pass@k)."})
+    refilter_min_pass_rate: float = field(
+        default=0.1, metadata={"help": "Keep a re-scored prompt only if its pass rate over k answers is >= this."}
+    )
+    refilter_max_pass_rate: float = field(
+        default=0.9, metadata={"help": "... and <= this (the defaults drop prompts always or never solved)."}
+    )
+    refilter_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call when re-scoring."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Checked here, before a model loads; `mixture_shares` against the data when the trainer starts.
+        choices = {"mixture_rule": ("fixed", "pass_rate"), "system_instructions": ("none", "fixed", "sampled")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"--{name} {getattr(self, name)!r}: choose one of {list(allowed)}")
+        self.mixture_shares = parse_mapping(self.mixture_shares, "--mixture_shares") or None
+        for name, value in (self.mixture_shares or {}).items():
+            if not isinstance(value, (int, float)) or value < 0:
+                raise InputError(f"--mixture_shares: the share of {name!r} must be a number >= 0, got {value!r}")
+        if self.mixture_shares is not None and sum(self.mixture_shares.values()) <= 0:
+            raise InputError("--mixture_shares: the shares sum to 0; give at least one capability a positive share")
+        if not 0 <= self.mixture_floor <= 1 or not 0 <= self.system_instruction_share <= 1:
+            raise InputError("--mixture_floor and --system_instruction_share must lie between 0 and 1")
+        if self.refilter_steps < 0 or self.refilter_prompts < 0 or self.refilter_samples < 1:
+            raise InputError("--refilter_steps and --refilter_prompts must be >= 0 and --refilter_samples >= 1")
+        if not 0 <= self.refilter_min_pass_rate <= self.refilter_max_pass_rate <= 1:
+            raise InputError(
+                f"--refilter_min_pass_rate {self.refilter_min_pass_rate} / --refilter_max_pass_rate "
+                f"{self.refilter_max_pass_rate}: need 0 <= min <= max <= 1"
+            )
+        if self.system_instructions != "fixed" and self.system_instruction_id:
+            raise InputError("--system_instruction_id is used only with --system_instructions fixed")
+
+
+class PromptPool:
+    """Which train prompts may be drawn (continuous filtering), with each prompt's latest pass rate over k answers
+    (NaN: never re-scored; an unscored prompt stays in the pool)."""
+
+    def __init__(self, num_prompts: int):
+        self.in_pool = torch.ones(num_prompts, dtype=torch.bool)
+        self.pass_rates = torch.full((num_prompts,), float("nan"), dtype=torch.float64)
+        self.refilters = 0
+        self.last_step: int | None = None
+
+    def update(
+        self, indices: list[int], rates: list[float], low: float, high: float, groups: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """Record the re-scored prompts' pass rates and keep those in [low, high]; returns what changed. A group
+        (capability; None: one group) the update would empty keeps its previous pool: it must stay drawable."""
+        index = torch.tensor(indices, dtype=torch.long)
+        rate = torch.tensor(rates, dtype=torch.float64)
+        keep = (rate >= low) & (rate <= high)
+        in_pool = self.in_pool.clone()
+        in_pool[index] = keep
+        self.pass_rates[index] = rate
+        self.refilters += 1
+        groups = torch.zeros(len(in_pool), dtype=torch.long) if groups is None else groups
+        unchanged = 0
+        for group in torch.unique(groups):
+            members = groups == group
+            if self.in_pool[members].any() and not in_pool[members].any():
+                in_pool[members] = self.in_pool[members]
+                unchanged += 1
+        self.in_pool = in_pool
+        return {
+            "scored": float(len(indices)),
+            "kept": float(keep.sum()),
+            "too_easy": float((rate > high).sum()),
+            "too_hard": float((rate < low).sum()),
+            "mean_pass_rate": float(rate.mean()) if len(indices) else float("nan"),
+            "pass_at_k": float((rate > 0).double().mean()) if len(indices) else float("nan"),
+            "groups_left_unchanged": float(unchanged),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "in_pool": self.in_pool.tolist(),
+            # JSON has no NaN: unscored prompts are null
+            "pass_rates": [None if rate != rate else rate for rate in self.pass_rates.tolist()],
+            "refilters": self.refilters,
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["in_pool"]) != len(self.in_pool):
+            raise ValueError(
+                f"checkpoint's prompt pool covers {len(state['in_pool'])} prompts but the train set has "
+                f"{len(self.in_pool)}: resume with the same dataset arguments"
+            )
+        self.in_pool = torch.tensor(state["in_pool"], dtype=torch.bool)
+        self.pass_rates = torch.tensor(
+            [float("nan") if rate is None else rate for rate in state["pass_rates"]], dtype=torch.float64
+        )
+        self.refilters = state["refilters"]
+        self.last_step = state["last_step"]
+
+
+def normalize_groups(weights: torch.Tensor, groups: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+    """`weights` rescaled so that the prompts of group g sum to `totals[g]` (groups 0..G-1, one per prompt); a group
+    whose weights are all zero stays zero."""
+    sums = torch.zeros(len(totals), dtype=weights.dtype).index_add_(0, groups, weights)
+    scale = torch.where(sums > 0, totals.to(weights.dtype) / sums.clamp_min(1e-300), torch.zeros_like(sums))
+    return weights * scale[groups]
 
 
 class PromptStats:
@@ -133,6 +297,65 @@ class OnlineRLTrainer(GRPOTrainer):
             else None
         )
         self._last_rewards: torch.Tensor | None = None
+        self.prompt_pool = PromptPool(len(train_dataset))
+        self._setup_mixture(train_dataset)
+        self._setup_system_instructions(train_dataset)
+        if config.refilter_steps and isinstance(self.reward_funcs[self._pass_rate_func], torch.nn.Module):
+            raise InputError("--refilter_steps needs a pass_rate_reward that is a function, not a reward model")
+
+    @property
+    def _pass_rate_func(self) -> int:
+        return self.reward_func_names.index(self.args.pass_rate_reward)
+
+    def _setup_mixture(self, train_dataset: Dataset) -> None:
+        config: OnlineRLConfig = self.args
+        column = config.mixture_column
+        self._capability: torch.Tensor | None = None
+        self._capability_names: tuple[str, ...] = ()
+        if not column or column not in train_dataset.column_names:
+            if config.mixture_shares:
+                raise InputError(
+                    f"--mixture_shares needs a {column!r} column in the train set (--mixture_column); it has "
+                    f"{train_dataset.column_names}"
+                )
+            return
+        values = train_dataset[column]
+        names = tuple(sorted(set(values)))
+        shares = config.mixture_shares or dict.fromkeys(names, 1.0)
+        unknown = sorted(set(shares) - set(names))
+        if unknown:
+            raise InputError(f"--mixture_shares names {unknown}, which the train set lacks; it has {list(names)}")
+        position = {name: k for k, name in enumerate(names)}
+        self._capability = torch.tensor([position[value] for value in values], dtype=torch.long)
+        self._capability_names = names
+        base = torch.tensor([float(shares.get(name, 0.0)) for name in names], dtype=torch.float64)
+        self._base_shares = base / base.sum()
+
+    def _setup_system_instructions(self, train_dataset: Dataset) -> None:
+        config: OnlineRLConfig = self.args
+        self._instructions: tuple = ()
+        self._heldout_instruction_ids: frozenset[str] = frozenset()
+        if config.system_instructions == "none" and "system_instruction" not in train_dataset.column_names:
+            return
+        self._heldout_instruction_ids = frozenset(i.id for i in SYSTEM_INSTRUCTIONS["heldout"])
+        columns = train_dataset.column_names
+        carried = set(train_dataset["system_instruction"]) if "system_instruction" in columns else set()
+        leaked = sorted(carried & self._heldout_instruction_ids)
+        if leaked:
+            raise InputError(f"the train set carries held-out system instructions {leaked}: they are for evaluation")
+        pool = SYSTEM_INSTRUCTIONS["train"]
+        if config.system_instructions == "fixed":
+            wanted = config.system_instruction_id or pool[0].id
+            if wanted in self._heldout_instruction_ids:
+                raise InputError(f"--system_instruction_id {wanted!r} is in the held-out pool, kept for evaluation")
+            chosen = [instruction for instruction in pool if instruction.id == wanted]
+            if not chosen:
+                raise InputError(f"--system_instruction_id {wanted!r}: the train pool has {[i.id for i in pool]}")
+            self._instructions = tuple(chosen)
+        elif config.system_instructions == "sampled":
+            self._instructions = tuple(pool)
+        drawn = {instruction.id for instruction in self._instructions}
+        assert not drawn & self._heldout_instruction_ids, "a held-out system instruction in the training pool"
 
     # -- drawing prompts -----------------------------------------------------------------------------------------
 
@@ -164,17 +387,143 @@ class OnlineRLTrainer(GRPOTrainer):
                     weights[in_level] = weights[in_level] / weights[in_level].sum()
         return weights
 
+    def capability_pass_rates(self) -> torch.Tensor:
+        """Each capability's pass rate P_c = (S_c + 1) / (A_c + 2), pooling its prompts' successes and attempts."""
+        count = len(self._capability_names)
+        attempts = torch.zeros(count, dtype=torch.float64).index_add_(0, self._capability, self.prompt_stats.attempts)
+        successes = torch.zeros(count, dtype=torch.float64).index_add_(
+            0, self._capability, self.prompt_stats.successes
+        )
+        return (successes + 1) / (attempts + 2)
+
+    def capability_shares(self) -> torch.Tensor:
+        """Each capability's target share of a batch (`mixture_rule`; order `self._capability_names`)."""
+        shares = self._base_shares.clone()
+        if self.args.mixture_rule == "pass_rate":
+            shares = shares * (1 - self.capability_pass_rates()).clamp_min(self.args.mixture_floor)
+        return shares / shares.sum()
+
+    def draw_weights(self) -> torch.Tensor:
+        """The weights prompts are drawn with: `prompt_weights` (hard prompts, curriculum, level balance) on the
+        filtered pool, then scaled so each capability carries its share and, with `balance_difficulty`, each of
+        its unlocked levels an equal part of it."""
+        weights = self.prompt_weights()
+        if self.args.refilter_steps:
+            weights = weights * self.prompt_pool.in_pool
+        balance = self._difficulty is not None and self.args.balance_difficulty
+        if balance and (self._capability is not None or self.args.refilter_steps):
+            levels = torch.unique(self._difficulty, return_inverse=True)[1]
+            groups = levels if self._capability is None else self._capability * (int(levels.max()) + 1) + levels
+            weights = normalize_groups(weights, groups, torch.ones(int(groups.max()) + 1, dtype=torch.float64))
+        if self._capability is None:
+            return weights
+        count = len(self._capability_names)
+        mass = torch.zeros(count, dtype=torch.float64).index_add_(0, self._capability, weights)
+        shares = self.capability_shares() * (mass > 0)  # an undrawable capability's share goes to the others
+        if shares.sum() <= 0:
+            raise RuntimeError(
+                "no prompt of a capability with a positive --mixture_shares entry can be drawn (curriculum or filter)"
+            )
+        return normalize_groups(weights, self._capability, shares / shares.sum())
+
     def _draw_prompts(self, num_groups: int) -> list[dict[str, Any]]:
         """`num_groups` prompts (each repeated `num_generations` times), distinct within the draw. Seeded by the
         draw counter and the process, so processes draw different prompts and a resumed run the same ones."""
-        weights = self.prompt_weights()
+        weights = self.draw_weights()
         generator = torch.Generator().manual_seed(
             self.args.seed * 1_000_003 + self.prompt_stats.draws * 101 + self.accelerator.process_index
         )
         self.prompt_stats.draws += 1
         replacement = int((weights > 0).sum()) < num_groups
         indices = torch.multinomial(weights, num_groups, replacement=replacement, generator=generator).tolist()
-        return [dict(self.train_dataset[index]) for index in indices for _ in range(self.num_generations)]
+        rows = [dict(self.train_dataset[index]) for index in indices]
+        if self._instructions:
+            rows = self._with_system_instructions(rows, generator)
+        if self._capability is not None:
+            self._log_mixture(indices)
+        return [dict(row) for row in rows for _ in range(self.num_generations)]
+
+    def _with_system_instructions(self, rows: list[dict[str, Any]], generator: torch.Generator) -> list[dict]:
+        """One system instruction per prompt (all answers of a group share it), drawn with the draw's generator, so
+        a resumed run gives the same prompts the same instructions."""
+        picks = torch.randint(len(self._instructions), (len(rows),), generator=generator).tolist()
+        given = torch.rand(len(rows), generator=generator) < (
+            self.args.system_instruction_share if self.args.system_instructions == "sampled" else 1.0
+        )
+        result = []
+        for row, pick, give in zip(rows, picks, given.tolist()):
+            if not give:
+                result.append(row)
+                continue
+            instruction = self._instructions[pick]
+            if instruction.id in self._heldout_instruction_ids:  # never: the pools are disjoint, checked at start
+                raise AssertionError(f"held-out system instruction {instruction.id!r} drawn in training")
+            result.append(with_system_instruction(row, instruction))
+        return result
+
+    def _log_mixture(self, indices: list[int]) -> None:
+        metrics = self._metrics["train"]
+        drawn = self._capability[torch.tensor(indices, dtype=torch.long)]
+        shares, pass_rates = self.capability_shares().tolist(), self.capability_pass_rates().tolist()
+        for k, name in enumerate(self._capability_names):
+            metrics[f"mixture/{name}/draw_share"].append((drawn == k).double().mean().item())
+            metrics[f"mixture/{name}/target_share"].append(shares[k])
+            metrics[f"mixture/{name}/pass_rate"].append(pass_rates[k])
+
+    # -- continuous filtering --------------------------------------------------------------------------------
+
+    def refilter_due(self) -> bool:
+        last = self.prompt_pool.last_step
+        return bool(self.args.refilter_steps) and (
+            last is None or self.state.global_step - last >= self.args.refilter_steps
+        )
+
+    def refilter_pool(self) -> dict[str, float]:
+        """Re-score a seeded sample of the train prompts with the policy (k answers each) and keep those whose pass
+        rate lies in the band. Seeded by the refilter counter: a resumed run re-scores the same prompts."""
+        size = len(self.prompt_pool.in_pool)
+        seed = self.args.seed * 1_000_003 + 7_919 * self.prompt_pool.refilters + 17
+        if 0 < self.args.refilter_prompts < size:
+            generator = torch.Generator().manual_seed(seed)
+            indices = torch.randperm(size, generator=generator)[: self.args.refilter_prompts].sort().values.tolist()
+        else:
+            indices = list(range(size))
+        rates = self.prompt_pass_rates(indices, seed)
+        report = self.prompt_pool.update(
+            indices, rates, self.args.refilter_min_pass_rate, self.args.refilter_max_pass_rate, self._capability
+        )
+        self.prompt_pool.last_step = self.state.global_step
+        metrics = self._metrics["train"]
+        for key, value in report.items():
+            metrics[f"refilter/{key}"].append(value)
+        return report
+
+    def prompt_pass_rates(self, indices: list[int], seed: int) -> list[float]:
+        """Each prompt's pass rate over `refilter_samples` answers of the current policy at the training temperature
+        (`pass_rate_reward` per answer). Generation runs batched through `eval.generation` under no_grad; the
+        training RNG is forked, so re-scoring leaves the training samples as they were."""
+        rows = [self.train_dataset[index] for index in indices]
+        k = self.args.refilter_samples
+        prompts = [row["prompt"] for row in rows]
+        model = self.accelerator.unwrap_model(self.model)
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            samples = generate_completions(
+                model, self.processing_class, prompts, max_new_tokens=self.max_completion_length, num_samples=k,
+                temperature=self.temperature, top_p=self.top_p, batch_size=self.args.refilter_batch_size, seed=seed,
+                progress=False,
+            )  # fmt: skip
+        texts = [text for answers in samples for text in answers]
+        # The format GRPO hands the rewards: chat prompts get message completions.
+        completions = texts if isinstance(prompts[0], str) else [[{"role": "assistant", "content": t}] for t in texts]
+        skipped = ("prompt", "completion")
+        columns = {key: [row[key] for row in rows for _ in range(k)] for key in rows[0] if key not in skipped}
+        values = self.reward_funcs[self._pass_rate_func](
+            prompts=[row["prompt"] for row in rows for _ in range(k)], completions=completions, completion_ids=None,
+            trainer_state=self.state, log_extra=lambda *a, **kw: None, log_metric=lambda *a, **kw: None, **columns,
+        )  # fmt: skip
+        solved = torch.tensor([0.0 if value is None else float(value) for value in values], dtype=torch.float64)
+        return solved.view(len(rows), k).mean(dim=1).tolist()
 
     # -- generation, filtering, statistics ---------------------------------------------------------------------
 
@@ -189,6 +538,12 @@ class OnlineRLTrainer(GRPOTrainer):
         start = self.accelerator.process_index * len(prompts)
         weights = self.reward_weights.to(rewards_per_func.device)
         self._last_rewards = (rewards_per_func[start : start + len(prompts)] * weights).nansum(dim=1)
+        if self._capability is not None:
+            capabilities = gather_object([row[self.args.mixture_column] for row in inputs])
+            total = (rewards_per_func * weights).nansum(dim=1)
+            for name in sorted(set(capabilities)):
+                mask = torch.tensor([value == name for value in capabilities], device=total.device)
+                self._metrics["train"][f"mixture/{name}/reward"].append(total[mask].mean().item())
         return rewards_per_func
 
     def _score(self, inputs: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
@@ -202,7 +557,9 @@ class OnlineRLTrainer(GRPOTrainer):
         if not self.model.training:
             return super()._generate_and_score_completions(inputs)
         num_groups = len(inputs) // self.num_generations
-        if self.args.hard_prompt_sampling or self._difficulty is not None:
+        if self.refilter_due():
+            self.refilter_pool()
+        if self._draws_prompts():
             inputs = self._draw_prompts(num_groups)
         output, has_signal = self._score(inputs)
         metrics = self._metrics["train"]
@@ -211,6 +568,11 @@ class OnlineRLTrainer(GRPOTrainer):
         if cap is not None:
             metrics["curriculum/difficulty_cap"].append(cap)
         metrics["hard_prompts/mean_pass_rate"].append(self.prompt_stats.pass_rates().mean().item())
+        if self.args.refilter_steps:
+            metrics["refilter/pool_size"].append(float(self.prompt_pool.in_pool.sum()))
+            rates = self.prompt_pool.pass_rates[self.prompt_pool.in_pool]
+            if not rates.isnan().all():  # the pool's difficulty: the mean k-sample pass rate of its scored prompts
+                metrics["refilter/pool_pass_rate"].append(rates.nanmean().item())
         if not self.args.filter_zero_variance_groups:
             return output
 
@@ -230,6 +592,14 @@ class OnlineRLTrainer(GRPOTrainer):
         metrics["adaptive_filter/refill_rounds"].append(rounds)
         metrics["adaptive_filter/batch_signal_fraction"].append(min(kept, num_groups) / num_groups)
         return self._concat_groups(parts)
+
+    def _draws_prompts(self) -> bool:
+        """Whether the trainer draws each batch itself (else the dataloader's uniform shuffle stands)."""
+        args = self.args
+        return bool(
+            args.hard_prompt_sampling or self._difficulty is not None or self._capability is not None
+            or self._instructions or args.refilter_steps
+        )  # fmt: skip
 
     def _max_over_processes(self, value: int) -> int:
         return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).max())
@@ -269,7 +639,8 @@ class OnlineRLTrainer(GRPOTrainer):
         # complete always has its statistics.
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
-            write_json_atomic(os.path.join(folder, STATS_FILE), self.prompt_stats.state_dict())
+            state = {**self.prompt_stats.state_dict(), "pool": self.prompt_pool.state_dict()}
+            write_json_atomic(os.path.join(folder, STATS_FILE), state)
         super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -279,4 +650,7 @@ class OnlineRLTrainer(GRPOTrainer):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by OnlineRLTrainer")
             with open(path) as handle:
-                self.prompt_stats.load_state_dict(json.load(handle))
+                state = json.load(handle)
+            self.prompt_stats.load_state_dict(state)
+            if "pool" in state:
+                self.prompt_pool.load_state_dict(state["pool"])
