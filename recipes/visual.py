@@ -118,6 +118,21 @@ def check_visual_rows(dataset: Dataset, max_images: int, what: str = "dataset") 
             )
 
 
+def check_single_tile(dataset: Dataset, processor) -> None:
+    """Online RL takes single-tile images only: TRL's GRPO slices `pixel_values` per image, but the processor cuts
+    a larger image into several tiles (rows), and TRL finds Llama 4's tile counts only for other models."""
+    size = processor.image_processor.size
+    tile = (size["width"], size["height"])
+    for index, images in enumerate(dataset.select_columns(["images"]).with_format(None)["images"]):
+        for image in images:
+            if tuple(image.size) != tile:
+                raise InputError(
+                    f"online RL row {index}: a {image.size[0]}x{image.size[1]} image makes several processor tiles; "
+                    f"GRPO here takes {tile[0]}x{tile[1]} images (one tile): drop the grounding kind "
+                    "(--visual_kinds colour count) or resize the images"
+                )
+
+
 def refuse_images_without_processor(dataset: Dataset, args: Any) -> None:
     """A text recipe (`--task arithmetic`, a tokenizer) given a dataset with images would drop them silently."""
     if not is_visual(args) and ("images" in dataset.column_names or "image" in dataset.column_names):
@@ -258,3 +273,29 @@ class EarlyFusionCollator:
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
         return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Online RL on image prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def visual_online_rl_trainer():
+    """`recipes.rl.OnlineRLTrainer` for image prompts: the hard-prompt sampler, filter and curriculum unchanged."""
+    from .rl import OnlineRLTrainer
+
+    class VisualOnlineRLTrainer(OnlineRLTrainer):
+        def _tokenize_prompts(self, prompts):
+            prompt_ids, images, fields = super()._tokenize_prompts(prompts)
+            # Llama4Processor returns pixel_values as a list of per-tile tensors here (TRL stacks them through
+            # numpy, which has no bfloat16, the processor's dtype): one (tiles, 3, S, S) tensor instead.
+            return (
+                prompt_ids,
+                images,
+                {
+                    k: torch.cat(v) if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v
+                    for k, v in fields.items()
+                },
+            )
+
+    return VisualOnlineRLTrainer
