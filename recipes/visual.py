@@ -51,7 +51,8 @@ class VisualArguments:
         },
     )
     visual_kinds: list[str] = field(
-        default_factory=lambda: list(KINDS), metadata={"help": f"Visual task kinds among {list(KINDS)}."}
+        default_factory=lambda: list(KINDS),
+        metadata={"help": f"Kinds of the visual train prompts, among {list(KINDS)} (the held-out set has all)."},
     )
     max_images: int = field(
         default=MAX_IMAGES, metadata={"help": f"Most images per prompt (1 to {MAX_IMAGES}); more is an error."}
@@ -159,8 +160,9 @@ def visual_datasets(args, columns: tuple[str, ...] = ()) -> tuple[Dataset, Datas
             )
             test = test.select(range(min(args.heldout_problems, len(test))))
     else:
-        kwargs = dict(seed=args.task_seed, kinds=args.visual_kinds, max_images=args.max_images)
-        train = visual_problems("train", args.train_problems, **kwargs)
+        kwargs = dict(seed=args.task_seed, max_images=args.max_images)
+        train = visual_problems("train", args.train_problems, kinds=args.visual_kinds, **kwargs)
+        # Every kind, whatever the stage trains on: the stages of a pipeline are compared on the same problems.
         test = visual_problems("test", args.heldout_problems, **kwargs) if args.heldout_problems else None
     check_visual_rows(train, args.max_images, "train")
     if test is not None:
