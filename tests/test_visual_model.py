@@ -117,3 +117,54 @@ def test_a_text_only_checkpoint_is_refused(tmp_path):
     Llama4ForCausalLM(Llama4TextConfig.from_pretrained(TINY)).save_pretrained(tmp_path)
     with pytest.raises(InputError, match="without a vision tower"):
         load_multimodal(str(tmp_path))
+
+
+def test_early_fusion_collator_masks_image_tokens_and_packs_whole_documents(model_and_processor, rows):
+    from recipes.visual import IMAGE_TOKENS, EarlyFusionCollator
+
+    model, processor = model_and_processor
+    grounding = next(row for row in rows if row["kind"] == "grounding")
+    documents = [
+        {"text": "Question: 2 + 3?\nAnswer: 5", "images": []},
+        {"text": "<|image|>A red square. <|image|>A blue circle.", "images": rows[1]["images"]},
+        {"text": "<|image|>A shape at the top left.", "images": grounding["images"]},
+    ]
+    image_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)))
+    padded = EarlyFusionCollator(processor)(documents)
+    packed = EarlyFusionCollator(processor, pack=True)(documents)
+    assert padded["pixel_values"].shape[0] == packed["pixel_values"].shape[0] == 2 + 5
+    for batch in (padded, packed):
+        is_image = torch.isin(batch["input_ids"], image_ids)
+        assert (batch["labels"][is_image] == -100).all()  # no loss on any image token
+        assert (batch["input_ids"] == model.config.image_token_id).sum() == batch["pixel_values"].shape[0] * 4
+        text = batch["labels"][~is_image & (batch["labels"] != -100)]
+        assert len(text) > 20  # the captions and the arithmetic are trained on
+    # Packed: one row, positions restart at every document, and each document's tokens are contiguous and whole.
+    lengths = padded["attention_mask"].sum(dim=1).tolist()
+    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert packed["input_ids"].shape == (1, sum(lengths)) and starts == [0, lengths[0], lengths[0] + lengths[1]]
+    for row, (start, length) in enumerate(zip(starts, lengths)):
+        assert torch.equal(packed["input_ids"][0, start : start + length], padded["input_ids"][row, :length])
+    with torch.no_grad():
+        assert torch.isfinite(model(**packed).loss) and torch.isfinite(model(**padded).loss)
+
+
+def test_early_fusion_collator_errors(model_and_processor, rows):
+    from recipes.visual import EarlyFusionCollator
+
+    _, processor = model_and_processor
+    with pytest.raises(InputError, match="2 <\\|image\\|> markers but 1 images"):
+        EarlyFusionCollator(processor)([{"text": "<|image|>a <|image|>b", "images": rows[0]["images"]}])
+    with pytest.raises(InputError, match="would split an image's tokens"):
+        EarlyFusionCollator(processor, max_length=8)([{"text": "<|image|>A red square.", "images": rows[0]["images"]}])
+    cut = EarlyFusionCollator(processor, max_length=8)([{"text": "a long text-only document", "images": []}])
+    assert cut["input_ids"].shape[1] == 8  # text-only documents are cut, as in the text recipe
+
+
+def test_online_rl_refuses_multi_tile_images(model_and_processor, rows):
+    from recipes.visual import check_single_tile
+
+    _, processor = model_and_processor
+    check_single_tile(rows.filter(lambda row: row["kind"] != "grounding"), processor)
+    with pytest.raises(InputError, match="several processor tiles"):
+        check_single_tile(rows, processor)

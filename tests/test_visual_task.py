@@ -137,3 +137,29 @@ def test_bad_arguments(kwargs, message):
         visual_problems("train", 4, **kwargs)
     with pytest.raises(ValueError, match="split must be"):
         visual_problems("validation", 4)
+
+
+def test_visual_rows_are_checked_against_their_images():
+    from datasets import Dataset
+
+    from eval.loading import InputError
+    from recipes.visual import check_visual_rows, refuse_images_without_processor
+
+    rows = visual_problems("train", 12, seed=0)
+    check_visual_rows(rows, MAX_IMAGES)
+    first = next(index for index, n in enumerate(rows["num_images"]) if n > 4)
+    count = rows["num_images"][first]
+    with pytest.raises(InputError, match=f"row {first} has {count} images, more than --max_images 4"):
+        check_visual_rows(rows, 4)
+    broken = rows.to_list()
+    broken[3]["images"] = broken[3]["images"] + broken[0]["images"]
+    with pytest.raises(InputError, match="row 3: the prompt has .* image entries .* but the row has"):
+        check_visual_rows(Dataset.from_list(broken), MAX_IMAGES)
+    with pytest.raises(InputError, match="needs an `images` column"):
+        check_visual_rows(rows.remove_columns("images"), MAX_IMAGES)
+
+    class TextRecipe:
+        task = "arithmetic"
+
+    with pytest.raises(InputError, match="pass --task visual"):
+        refuse_images_without_processor(rows, TextRecipe())
