@@ -18,6 +18,7 @@ from typing import Any
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from eval.grading import math_answer_correct
+from eval.loading import InputError
 from recipes.common import (
     TaskArguments,
     defer_hub_push,
@@ -59,6 +60,10 @@ class SFTScriptArguments(VisualArguments, MetaPArguments, TaskArguments):
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
     with_metap_overrides(script_args)
     visual = is_visual(script_args)
+    if visual and script_args.judge_model_name_or_path and script_args.judge_threshold <= 1.0:
+        raise InputError(
+            "--judge_model_name_or_path with --task visual: the image prompts' judge is the policy itself"
+        )
     if visual:  # the multimodal model; `tokenizer` is its processor, which SFTTrainer takes too
         model, tokenizer = visual_model_and_processor(model_args, script_args, training_args)
         train, heldout = visual_datasets(script_args, ("completion",))
@@ -75,8 +80,6 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
             flag = "--judge_model_name_or_path"
             judge = load_model(path, trust_remote_code=training_args.trust_remote_code, flag=flag)
             judge_tokenizer = load_tokenizer(path, flag)
-            if visual:
-                raise ValueError("--judge_model_name_or_path with --task visual: the judge is the policy itself")
         images = [list(row) for row in train["images"]] if visual else None
         samples = cached_samples(
             judge, judge_tokenizer, list(train["prompt"]), num_samples=script_args.judge_samples,

@@ -163,3 +163,19 @@ def test_visual_rows_are_checked_against_their_images():
 
     with pytest.raises(InputError, match="pass --task visual"):
         refuse_images_without_processor(rows, TextRecipe())
+
+
+def test_adaptive_filter_keeps_each_prompts_images():
+    """GRPO outputs hold pixel_values per image: merging chosen groups takes exactly those rows' images."""
+    import torch
+
+    from recipes.rl import _select_images
+
+    def output(counts, offset):
+        pixels = torch.cat([torch.full((n, 3, 2, 2), float(offset + row)) for row, n in enumerate(counts)])
+        return {"pixel_values": pixels, "num_images": counts}
+
+    first, second = output([1, 3, 2, 1], 0), output([2, 1, 1, 4], 10)
+    pixels, counts = _select_images([(first, [1]), (second, [0])], [[1, 3], [0, 3]])
+    assert counts == [3, 1, 2, 4]
+    assert pixels[:, 0, 0, 0].tolist() == [1, 1, 1, 3, 10, 10, 13, 13, 13, 13]
