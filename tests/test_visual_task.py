@@ -179,3 +179,13 @@ def test_adaptive_filter_keeps_each_prompts_images():
     pixels, counts = _select_images([(first, [1]), (second, [0])], [[1, 3], [0, 3]])
     assert counts == [3, 1, 2, 4]
     assert pixels[:, 0, 0, 0].tolist() == [1, 1, 1, 3, 10, 10, 13, 13, 13, 13]
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torchvision") is not None, reason="checks the error without torchvision"
+)
+def test_without_torchvision_the_visual_path_says_how_to_get_it(tmp_path):
+    from eval.loading import InputError, load_multimodal
+
+    with pytest.raises(InputError, match="needs torchvision, which is not installed.*torch==2.14.1"):
+        load_multimodal("hub_configs/tiny", from_scratch=True)
