@@ -1,5 +1,6 @@
 """The visual task generator (eval/visual.py): determinism, disjoint splits, answers that need the image."""
 
+import importlib.util
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -181,9 +182,7 @@ def test_adaptive_filter_keeps_each_prompts_images():
     assert pixels[:, 0, 0, 0].tolist() == [1, 1, 1, 3, 10, 10, 13, 13, 13, 13]
 
 
-@pytest.mark.skipif(
-    __import__("importlib").util.find_spec("torchvision") is not None, reason="checks the error without torchvision"
-)
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="checks the error without torchvision")
 def test_without_torchvision_the_visual_path_says_how_to_get_it(tmp_path):
     from eval.loading import InputError, load_multimodal
 
