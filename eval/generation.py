@@ -82,6 +82,7 @@ def generate_completions(
     on_prompt_done: Callable[[int, list[str]], None] | None = None,
     device: str | torch.device | None = None,
     split_across_processes: bool = True,
+    images: Sequence[list] | None = None,
 ) -> list[list[str]]:
     """`num_samples` completions for each prompt, decoded without special tokens: `result[i][j]` is sample j of
     prompt i.
@@ -96,11 +97,24 @@ def generate_completions(
     The model is moved to `generation_device(model, device)` first. With several processes (and
     `split_across_processes`), batch b runs on rank b % num_processes with the seed one process would give it, and
     each round of batches is gathered on every rank: every rank returns all completions, equal to one process's.
+
+    `images[i]` (PIL images, one per `{"type": "image"}` entry of prompt i) makes the prompts multimodal: then
+    `tokenizer` must be the model's processor (`Llama4Processor`), which expands each image into its tile tokens.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not prompts:
         return []
+    processor = None
+    if images is not None:
+        if not hasattr(tokenizer, "image_processor"):
+            raise ValueError(
+                "image prompts need the model's processor (Llama4Processor, AutoProcessor.from_pretrained), not a "
+                f"{type(tokenizer).__name__}: pass the processor as `tokenizer`"
+            )
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts: give one list per prompt")
+        processor, tokenizer = tokenizer, tokenizer.tokenizer
     saved = tokenizer.padding_side, tokenizer.pad_token
     # Decoder-only models must be left padded: with right padding the first generated token follows pad tokens.
     tokenizer.padding_side = "left"
@@ -112,11 +126,23 @@ def generate_completions(
         config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, num_samples)
         sampled = temperature > 0
         per_call = max(1, batch_size // num_samples) if sampled else max(1, batch_size)
-        ids = render_prompts(tokenizer, prompts)
+        if processor is None:
+            ids = render_prompts(tokenizer, prompts)
+            lengths = [len(row) for row in ids]
+        else:  # the processor tokenizes per batch (it expands the images); lengths here only order the prompts
+            rendered = [
+                processor.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in prompts
+            ]
+            pixels = [sum(image.size[0] * image.size[1] for image in row) for row in images]
+            lengths = [len(text) + area // 256 for text, area in zip(rendered, pixels)]
+            # generate() would repeat pixel_values per tile, not per prompt: repeat the prompts here instead.
+            repeats = num_samples if sampled else 1
+            if sampled:
+                config.num_return_sequences = 1
         # Longest first: similar lengths share a batch (less padding), and an out-of-memory error shows up at once.
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
         starts = list(range(0, len(order), per_call))
-        results: list[list[str] | None] = [None] * len(ids)
+        results: list[list[str] | None] = [None] * len(prompts)
         device = generation_device(model, device)
         if next(model.parameters()).device != device:
             model.to(device)
@@ -124,13 +150,21 @@ def generate_completions(
         ranks = state.num_processes if split_across_processes else 1
         rank = state.process_index if ranks > 1 else 0
         report = on_prompt_done if ranks == 1 or state.is_main_process else None
-        with tqdm(total=len(ids), desc=desc, disable=not progress or rank != 0, unit="prompt") as bar:
+        with tqdm(total=len(prompts), desc=desc, disable=not progress or rank != 0, unit="prompt") as bar:
             for round_start in range(0, len(starts), ranks):  # one batch per process per round
                 done: list[tuple[int, list[str]]] = []
                 if round_start + rank < len(starts):
                     start = starts[round_start + rank]
                     batch = order[start : start + per_call]
-                    inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(device)
+                    if processor is None:
+                        inputs = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
+                    else:
+                        inputs = processor(
+                            text=[rendered[i] for i in batch for _ in range(repeats)],
+                            images=[list(images[i]) for i in batch for _ in range(repeats)],
+                            padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt",
+                        )  # fmt: skip
+                    inputs = inputs.to(device)
                     if sampled:
                         torch.manual_seed(seed + start)
                     output = model.generate(**inputs, generation_config=config)

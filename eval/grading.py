@@ -374,6 +374,19 @@ def extract_number(text: str, language: str | None = None) -> float | None:
     return values[-1] if values else None
 
 
+def boxed_word_key(text: str) -> str | None:
+    """The last `\\boxed{}` answer as a word key (lower case, spaces collapsed): the visual task's answers ("red",
+    "top left", "3"); None without a box."""
+    answer = extract_boxed(text)
+    return None if answer is None else " ".join(answer.lower().split())
+
+
+def boxed_word_correct(text: str, gold: str) -> bool:
+    """The last `\\boxed{}` answer equals the gold word(s), case and spacing ignored."""
+    key = boxed_word_key(text)
+    return key is not None and key == " ".join(str(gold).lower().split())
+
+
 def numbers_equal(prediction: float | None, gold: float | str | None, rel_tol: float = 1e-6) -> bool:
     """Whether an extracted number equals the gold one (gold may be MGSM's string form, e.g. "70000")."""
     if prediction is None or gold is None:

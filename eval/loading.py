@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["InputError", "check_model_path", "load_causal_lm", "load_tokenizer", "torch_dtype"]
+__all__ = [
+    "InputError",
+    "check_model_path",
+    "load_causal_lm",
+    "load_multimodal",
+    "load_processor",
+    "load_tokenizer",
+    "torch_dtype",
+]
 
 LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")
 HUB_ID_HINT = "a Hub id looks like org/name (e.g. meta-llama/Llama-4-Scout-17B-16E-Instruct)"
@@ -159,3 +167,66 @@ def load_tokenizer(
     if pad_with_eos and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_processor(path: str, flag: str = "--model_name_or_path"):
+    """transformers' `Llama4Processor` saved at `path` (tokenizer, image processor, chat template). Its image
+    processor needs torchvision; without it this is one `InputError` saying how to get it."""
+    from transformers import AutoProcessor
+
+    check_model_path(path, flag, need_config=False)
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        raise InputError(
+            f"{flag} {path!r}: image prompts need transformers' Llama4Processor, whose image processor needs "
+            "torchvision, which is not installed. PyPI's torchvision runs beside a CUDA torch build (also on CPU): "
+            "use a second environment, `pip install torch==2.14.1 torchvision==0.29.1` then this project "
+            "(docs/multimodal.md)"
+        ) from None
+    processor = AutoProcessor.from_pretrained(path)
+    if not hasattr(processor, "image_processor"):
+        raise InputError(
+            f"{flag} {path!r} has a tokenizer but no image processor (processor_config.json): image prompts need "
+            "the processor saved with a multimodal model, e.g. hub_configs/tiny"
+        )
+    return processor
+
+
+def load_multimodal(
+    path: str,
+    *,
+    flag: str = "--model_name_or_path",
+    dtype: Any = None,
+    config_overrides: dict[str, Any] | None = None,
+    overrides_flag: str = "--model_config_overrides",
+    from_scratch: bool = False,
+    **kwargs: Any,
+):
+    """Our `Llama4ForConditionalGeneration` (vision tower, projector and sparse-MoE text model) and its processor,
+    built freshly initialised when `from_scratch`. `config_overrides` apply to the text model (as for
+    `load_causal_lm`); `kwargs` go to `from_pretrained`."""
+    from modeling_llama4 import Llama4Config, Llama4ForConditionalGeneration
+
+    check_model_path(path, flag)
+    config = _load_config(path, flag, False)
+    if getattr(config, "model_type", None) != "llama4" or getattr(config, "vision_config", None) is None:
+        raise InputError(
+            f"{flag} {path!r} is a {getattr(config, 'model_type', '?')} config without a vision tower: image "
+            "training and the visual task need a multimodal Llama 4 (Llama4ForConditionalGeneration), e.g. "
+            "hub_configs/tiny"
+        )
+    processor = load_processor(path, flag)
+    overrides = dict(config_overrides or {})
+    config = Llama4Config.from_pretrained(path)
+    if overrides:
+        _check_overrides(overrides, config.text_config, overrides_flag)
+        text_config = _llama4_config(path, overrides, flag, overrides_flag)
+        config.text_config = text_config
+    dtype = torch_dtype(dtype)
+    if from_scratch:
+        model = Llama4ForConditionalGeneration(config)
+        return (model.to(dtype) if dtype not in (None, "auto") else model), processor
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return Llama4ForConditionalGeneration.from_pretrained(path, config=config, **kwargs), processor

@@ -72,13 +72,22 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    multimodal: bool = False,
 ):
     """Model and tokenizer from a local directory or Hub id through `eval.loading.load_causal_lm` (Llama 4 into
     our sparse `Llama4ForCausalLM`, anything else through `AutoModelForCausalLM`). `device_map` (e.g. "auto")
-    spreads a model too large for one GPU; otherwise it goes to `device`."""
+    spreads a model too large for one GPU; otherwise it goes to `device`. `multimodal` (image tasks): the whole
+    `Llama4ForConditionalGeneration` and its processor instead."""
     import torch
 
     kwargs = {"device_map": device_map} if device_map else {}
+    if multimodal:
+        from .loading import load_multimodal
+
+        model, processor = load_multimodal(path, flag="--model", dtype=dtype, **kwargs)
+        if not device_map:
+            model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return model, processor
     model = load_causal_lm(path, flag="--model", dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     if not device_map:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -159,6 +168,7 @@ def evaluate_task(
             model,
             tokenizer,
             [examples[i].messages for i in todo],
+            images=[examples[i].images for i in todo] if "image" in task.modalities else None,
             max_new_tokens=settings["max_new_tokens"],
             num_samples=num_samples,
             temperature=temperature,
@@ -355,7 +365,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except (DataUnavailableError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
     try:
-        model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.device_map)
+        multimodal = any("image" in task.modalities for task in tasks)
+        model, tokenizer = load_model(
+            args.model, args.dtype, args.device, args.trust_remote_code, args.device_map, multimodal=multimodal
+        )
     except InputError as error:
         raise SystemExit(f"error: {error}") from None
     results = {
@@ -374,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["tasks"][task.name] = evaluate_task(
             task,
             model,
-            tokenizer,
+            # A multimodal run loads the processor; text tasks take its tokenizer.
+            tokenizer if "image" in task.modalities else getattr(tokenizer, "tokenizer", tokenizer),
             examples[task.name],
             output_dir,
             num_samples=args.num_samples,

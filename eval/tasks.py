@@ -38,6 +38,8 @@ from .grading import (
     BBH_TASKS,
     MGSM_LANGUAGES,
     bbh_gold_key,
+    boxed_word_correct,
+    boxed_word_key,
     extract_bbh_answer,
     extract_boxed,
     extract_choice_letter,
@@ -89,6 +91,8 @@ class Example:
     gold: str
     subset: str | None = None  # reported separately (language, subject)
     meta: dict = field(default_factory=dict)  # saved with the outputs (e.g. GPQA's choice permutation)
+    # PIL images, one per {"type": "image"} entry of `messages` (image tasks; generated, so not saved or cached).
+    images: list | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class Task:
     layout: str = ""  # the offline copy under --data_dir, for the command line's help
     # Also report scores averaged over subsets with equal weight (BIG-Bench Hard's headline is the task mean).
     macro_average: bool = False
+    # ("image", "text"): the prompts carry images; the runner loads the multimodal model and its processor.
+    modalities: tuple[str, ...] = ("text",)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -722,6 +728,44 @@ for _capability, _pool in [*((c, "train") for c in CAPABILITY_NAMES), ("instruct
         lambda source, capability=_capability, pool=_pool: _load_capability(source, capability, pool),
         _grade_capability, metric="capability_accuracy", max_new_tokens=64,
     ))  # fmt: skip
+
+
+# The generated visual task (eval/visual.py): scored per images count, the subsets 1, 2-4 and 5-8 images.
+VISUAL_TEST_PROBLEMS = 600
+
+
+def _load_visual(source: DataSource) -> list[Example]:
+    from .visual import visual_problems
+
+    # The first N are the recipes' held-out set of N (`eval.visual.visual_problems("test", N)`): `--limit N`.
+    rows = visual_problems("test", VISUAL_TEST_PROBLEMS)
+    return [
+        Example(
+            id=f"visual/{i}",
+            messages=list(row["prompt"]),
+            gold=row["answer"],
+            subset=row["images_bucket"],
+            meta={"kind": row["kind"]},
+            images=list(row["images"]),
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+def _grade_visual(output: str, example: Example) -> tuple[bool, Hashable | None]:
+    return boxed_word_correct(output, example.gold), boxed_word_key(output)
+
+
+register_task(
+    Task(
+        "visual",
+        _load_visual,
+        _grade_visual,
+        metric="visual_accuracy",
+        max_new_tokens=32,
+        modalities=("image", "text"),
+    )
+)
 
 
 def get_task(name: str) -> Task:

@@ -304,11 +304,19 @@ def heldout_accuracy(
     batch_size: int = 64,
     progress: bool = True,
     desc: str = "held-out eval",
+    blind_control: bool = False,
 ) -> dict[str, Any]:
     """Greedy pass@1 on `dataset` (`prompt`, `answer`), overall and per `level` / `language` when present, plus
     the share of answers that carry a `\\boxed{}`. Graded by the eval harness's `synthetic` task, the same
     task `python -m eval --tasks synthetic` runs; rows with a `capability` column (`--capabilities`) by
     `eval.capabilities.capability_score`, also reported per capability (`accuracy_by_capability`)."""
+    if "images" in dataset.column_names:  # the visual task: `tokenizer` is the processor (recipes/visual.py)
+        from eval.visual import visual_heldout
+
+        return visual_heldout(
+            model, tokenizer, dataset, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+            desc=desc, blind_control=blind_control,
+        )  # fmt: skip
     task = get_task("synthetic")
     examples = chat_examples(dataset)
     completions = generate_completions(
@@ -424,7 +432,7 @@ def finish_recipe(
     if heldout is not None:
         results["heldout"] = heldout_accuracy(
             trainer.model, tokenizer, heldout, max_new_tokens=script_args.heldout_max_new_tokens,
-            batch_size=script_args.heldout_batch_size,
+            batch_size=script_args.heldout_batch_size, blind_control=getattr(script_args, "blind_control", False),
         )  # fmt: skip
         print(f"held-out accuracy after {recipe}: {results['heldout']['accuracy']:.1%}")
     accuracy = results.get("heldout", {}).get("accuracy")

@@ -32,10 +32,17 @@ from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.preferences import preference_pairs, total_reward
 from recipes.sampling import cached_samples
 from recipes.validation import run_recipe
+from recipes.visual import (
+    VisualArguments,
+    is_visual,
+    refuse_images_without_processor,
+    visual_datasets,
+    visual_model_and_processor,
+)
 
 
 @dataclass
-class DPOScriptArguments(MetaPArguments, TaskArguments):
+class DPOScriptArguments(VisualArguments, MetaPArguments, TaskArguments):
     pair_samples: int = field(default=4, metadata={"help": "Policy samples per prompt to build pairs from."})
     pair_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for the pair samples."})
     pair_max_new_tokens: int = field(default=48, metadata={"help": "Generation budget per sampled answer."})
@@ -47,14 +54,21 @@ class DPOScriptArguments(MetaPArguments, TaskArguments):
 
 def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict[str, Any]:
     with_metap_overrides(script_args)
-    model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
-    train, heldout = task_datasets(script_args)
+    visual = is_visual(script_args)
+    if visual:  # image prompts: the multimodal model, its processor as the processing class
+        model, tokenizer = visual_model_and_processor(model_args, script_args, training_args)
+        train, heldout = visual_datasets(script_args)
+    else:
+        model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
+        train, heldout = task_datasets(script_args)
+        refuse_images_without_processor(train, script_args)
     output_dir = Path(training_args.output_dir)
     samples = cached_samples(
         model, tokenizer, list(train["prompt"]), num_samples=script_args.pair_samples,
         cache_dir=output_dir / "pair_cache", temperature=script_args.pair_temperature,
         max_new_tokens=script_args.pair_max_new_tokens, batch_size=script_args.heldout_batch_size,
         seed=training_args.seed, desc="preference samples",
+        images=[list(row) for row in train["images"]] if visual else None,
     )  # fmt: skip
     reward = total_reward(*(reward_function(name) for name in script_args.reward_funcs))
     pairs, report = preference_pairs(train, samples, reward)

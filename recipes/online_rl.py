@@ -33,10 +33,19 @@ from recipes.common import (
 from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.rl import OnlineRLConfig, OnlineRLTrainer
 from recipes.validation import InputError, run_recipe
+from recipes.visual import (
+    VisualArguments,
+    check_single_tile,
+    is_visual,
+    refuse_images_without_processor,
+    visual_datasets,
+    visual_model_and_processor,
+    visual_online_rl_trainer,
+)
 
 
 @dataclass
-class OnlineRLScriptArguments(MetaPArguments, TaskArguments):
+class OnlineRLScriptArguments(VisualArguments, MetaPArguments, TaskArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy_reward", "format_reward"],
         metadata={"help": f"Reward functions: {sorted(REWARD_FUNCTIONS)} or dotted import paths."},
@@ -65,11 +74,21 @@ def main(
     check_rewards(script_args, training_args)
     rewards = [reward_function(name) for name in script_args.reward_funcs]
     with_metap_overrides(script_args)
-    model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
-    tokenizer.padding_side = "left"
-    train, heldout = task_datasets(script_args)
+    if is_visual(script_args):  # image prompts: the multimodal model, its processor as the processing class
+        model, tokenizer = visual_model_and_processor(model_args, script_args, training_args)
+        tokenizer.tokenizer.padding_side = "left"
+        train, heldout = visual_datasets(script_args)
+        check_single_tile(train, tokenizer)
+        train = train.select_columns(["prompt", "images", "answer", "level"])
+        trainer_class = visual_online_rl_trainer()
+    else:
+        model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
+        tokenizer.padding_side = "left"
+        train, heldout = task_datasets(script_args)
+        refuse_images_without_processor(train, script_args)
+        trainer_class = OnlineRLTrainer
     defer_hub_push(training_args)
-    trainer = metap_trainer(OnlineRLTrainer, script_args.metap)(
+    trainer = metap_trainer(trainer_class, script_args.metap)(
         model=model,
         reward_funcs=rewards,
         args=training_args,

@@ -134,6 +134,9 @@ def summarize(name: str, results: dict[str, Any]) -> dict[str, Any]:
     for key in ("filter", "pairs"):
         if key in results:
             summary[key] = results[key]
+    for key in ("blind_accuracy", "accuracy_by_kind"):  # the visual task (eval/visual.py)
+        if key in heldout:
+            summary[key] = heldout[key]
     rewards = [entry["reward"] for entry in results.get("log_history", []) if "reward" in entry]
     if rewards:
         summary["reward_curve"] = rewards
@@ -179,6 +182,17 @@ def write_report(output_dir: Path, stages: list[dict[str, Any]]) -> None:
         "",
         *stage_table(stages),
     ]
+    if any("blind_accuracy" in stage for stage in stages):
+        lines += [
+            "",
+            "Visual task: by level = by images per prompt. Image-blind control (every image grey) and per kind:",
+            "",
+        ]
+        lines += ["| stage | image-blind control | by kind |", "|---|---|---|"]
+        for stage in stages:
+            kinds = ", ".join(f"{k}: {v:.0%}" for k, v in (stage.get("accuracy_by_kind") or {}).items())
+            blind = f"{stage['blind_accuracy']:.1%}" if stage.get("blind_accuracy") is not None else "-"
+            lines.append(f"| {stage['name']} | {blind} | {kinds} |")
     for stage in stages:
         if "filter" in stage:
             f = stage["filter"]

@@ -27,6 +27,7 @@ def preference_pairs(dataset: Dataset, samples: list[list[str]], reward: Reward)
                 "prompt": row["prompt"],
                 "chosen": [{"role": "assistant", "content": outputs[scores.index(best)]}],
                 "rejected": [{"role": "assistant", "content": outputs[scores.index(worst)]}],
+                **({"images": row["images"]} if "images" in row else {}),  # image prompts keep their images
             }
         )
     report = {"prompts": len(dataset), "pairs": len(rows)}

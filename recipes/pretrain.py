@@ -34,10 +34,18 @@ from recipes.common import (
 from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.synthetic import pretraining_corpus
 from recipes.validation import load_task_dataset, run_recipe
+from recipes.visual import (
+    EarlyFusionCollator,
+    VisualArguments,
+    early_fusion_corpus,
+    is_visual,
+    visual_datasets,
+    visual_model_and_processor,
+)
 
 
 @dataclass
-class PretrainScriptArguments(MetaPArguments, TaskArguments):
+class PretrainScriptArguments(VisualArguments, MetaPArguments, TaskArguments):
     corpus_documents: int = field(default=12800, metadata={"help": "Synthetic corpus size (documents)."})
     corpus_levels: list[int] = field(
         default_factory=lambda: [1, 2], metadata={"help": "Difficulty levels the synthetic corpus covers."}
@@ -64,6 +72,8 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
     if script_args.corpus not in ("arithmetic", "needle"):
         raise InputError(f"--corpus {script_args.corpus!r}: choose 'arithmetic' or 'needle' (or pass --dataset_name)")
     with_metap_overrides(script_args)
+    if is_visual(script_args):
+        return _pretrain_early_fusion(script_args, training_args, model_args)
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     if script_args.dataset_name:
         corpus = load_task_dataset(
@@ -107,6 +117,41 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
     )
     train_resumably(trainer, training_args)
     return finish_recipe(trainer, tokenizer, heldout, script_args, training_args, "pretrain")
+
+
+def _pretrain_early_fusion(
+    script_args: PretrainScriptArguments, training_args: SFTConfig, model_args: ModelConfig
+) -> dict[str, Any]:
+    """`--task visual`: the multimodal model on interleaved text-only and image-text documents
+    (`recipes.visual.early_fusion_corpus`; or `--dataset_name` with `text` and `images` columns)."""
+    model, processor = visual_model_and_processor(model_args, script_args, training_args)
+    if script_args.dataset_name:
+        corpus = load_task_dataset(
+            script_args.dataset_name, script_args.dataset_train_split, ("text", "images"),
+            split_flag="--dataset_train_split",
+        )  # fmt: skip
+        heldout = None
+    else:
+        corpus = early_fusion_corpus(
+            script_args.corpus_documents, seed=script_args.task_seed,
+            fraction=script_args.image_documents_fraction, kinds=script_args.visual_kinds,
+            max_images=script_args.max_images,
+        )  # fmt: skip
+        _, heldout = visual_datasets(script_args)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"pretraining {type(model).__name__} ({total / 1e6:.2f}M parameters) on {len(corpus)} documents")
+    # The collator reads `text` and `images`, which the model's forward does not take.
+    training_args.remove_unused_columns = False
+    defer_hub_push(training_args)
+    trainer = metap_trainer(Trainer, script_args.metap)(
+        model=model,
+        args=training_args,
+        train_dataset=corpus,
+        data_collator=EarlyFusionCollator(processor, training_args.max_length, pack=script_args.pack_documents),
+        processing_class=processor,
+    )
+    train_resumably(trainer, training_args)
+    return finish_recipe(trainer, processor, heldout, script_args, training_args, "pretrain")
 
 
 if __name__ == "__main__":

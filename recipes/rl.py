@@ -610,7 +610,10 @@ class OnlineRLTrainer(GRPOTrainer):
         rows = [[g * size + k for g in groups for k in range(size)] for _, groups in parts]
         merged: dict[str, Any] = {}
         for key, value in parts[0][0].items():
-            if key == "num_items_in_batch":
+            if key in ("num_items_in_batch", "num_images"):
+                continue
+            if key == "pixel_values" and "num_images" in parts[0][0]:  # image prompts: rows are images, not prompts
+                merged[key], merged["num_images"] = _select_images(parts, rows)
                 continue
             if value is None:
                 merged[key] = None
@@ -654,3 +657,18 @@ class OnlineRLTrainer(GRPOTrainer):
             self.prompt_stats.load_state_dict(state)
             if "pool" in state:
                 self.prompt_pool.load_state_dict(state["pool"])
+
+
+def _select_images(parts: list[tuple[dict[str, Any], list[int]]], rows: list[list[int]]):
+    """The chosen rows' images of several GRPO outputs: `pixel_values` holds `num_images[r]` images per row r, in row
+    order (one tile per image: `recipes/visual.py` refuses multi-tile images in online RL)."""
+    pieces, counts = [], []
+    for (output, _), chosen in zip(parts, rows):
+        per_row = output["num_images"]
+        starts = [0]
+        for count in per_row:
+            starts.append(starts[-1] + count)
+        for row in chosen:
+            pieces.append(output["pixel_values"][starts[row] : starts[row + 1]])
+            counts.append(per_row[row])
+    return torch.cat(pieces), counts

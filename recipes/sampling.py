@@ -26,6 +26,15 @@ from modeling_llama4.fingerprint import weights_fingerprint
 from .common import write_json_atomic
 
 
+def images_fingerprint(images: list) -> str:
+    """A short hash of a prompt's pixels: prompts of equal text differ by their images."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(repr(image.size).encode())
+        digest.update(image.convert("RGB").tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_samples(
     model,
     tokenizer,
@@ -39,8 +48,10 @@ def cached_samples(
     chunk_size: int = 128,
     seed: int = 0,
     desc: str = "sampling",
+    images: list[list] | None = None,
 ) -> list[list[str]]:
-    """`num_samples` sampled completions per prompt (`result[i][j]`), cached under `cache_dir`."""
+    """`num_samples` sampled completions per prompt (`result[i][j]`), cached under `cache_dir`. With `images` (one
+    list of PIL images per prompt) `tokenizer` is the processor, and the cache keys on the pixels too."""
     settings = {
         "model": weights_fingerprint(model),
         "num_samples": num_samples,
@@ -58,7 +69,9 @@ def cached_samples(
     starts = range(0, len(prompts), chunk_size)
     for chunk_index, start in enumerate(tqdm(starts, desc=desc, unit="chunk", disable=not main_process)):
         chunk = prompts[start : start + chunk_size]
-        fingerprint = hashlib.sha256(json.dumps(chunk, sort_keys=True).encode()).hexdigest()[:16]
+        chunk_images = images[start : start + chunk_size] if images is not None else None
+        keyed = chunk if chunk_images is None else [chunk, [images_fingerprint(row) for row in chunk_images]]
+        fingerprint = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
         path = folder / f"chunk-{chunk_index:05d}-{fingerprint}.json"
         if path.is_file():
             samples.extend(json.loads(path.read_text(encoding="utf-8"))["samples"])
@@ -66,6 +79,7 @@ def cached_samples(
         outputs = generate_completions(
             model, tokenizer, chunk, max_new_tokens=max_new_tokens, num_samples=num_samples,
             temperature=temperature, batch_size=batch_size, seed=seed + 1_000_003 * chunk_index, progress=False,
+            images=chunk_images,
         )  # fmt: skip
         if main_process:
             write_json_atomic(path, {"samples": outputs})

@@ -17,6 +17,7 @@ from typing import Any
 
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
+from eval.loading import InputError
 from recipes.common import (
     TaskArguments,
     dataset_pass_rates,
@@ -29,14 +30,22 @@ from recipes.common import (
     task_datasets,
     train_resumably,
 )
-from recipes.judge import filter_hard
+from recipes.judge import filter_hard, pass_rates
 from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
 from recipes.sampling import cached_samples
 from recipes.validation import run_recipe
+from recipes.visual import (
+    VisualArguments,
+    is_visual,
+    refuse_images_without_processor,
+    visual_answer_correct,
+    visual_datasets,
+    visual_model_and_processor,
+)
 
 
 @dataclass
-class SFTScriptArguments(MetaPArguments, TaskArguments):
+class SFTScriptArguments(VisualArguments, MetaPArguments, TaskArguments):
     judge_model_name_or_path: str | None = field(
         default=None, metadata={"help": "The judge model; empty: the policy being fine-tuned."}
     )
@@ -50,8 +59,18 @@ class SFTScriptArguments(MetaPArguments, TaskArguments):
 
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict[str, Any]:
     with_metap_overrides(script_args)
-    model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
-    train, heldout = task_datasets(script_args, ("completion",))
+    visual = is_visual(script_args)
+    if visual and script_args.judge_model_name_or_path and script_args.judge_threshold <= 1.0:
+        raise InputError(
+            "--judge_model_name_or_path with --task visual: the image prompts' judge is the policy itself"
+        )
+    if visual:  # the multimodal model; `tokenizer` is its processor, which SFTTrainer takes too
+        model, tokenizer = visual_model_and_processor(model_args, script_args, training_args)
+        train, heldout = visual_datasets(script_args, ("completion",))
+    else:
+        model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
+        train, heldout = task_datasets(script_args, ("completion",))
+        refuse_images_without_processor(train, script_args)
     output_dir = Path(training_args.output_dir)
 
     if script_args.judge_threshold <= 1.0:
@@ -61,13 +80,17 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
             flag = "--judge_model_name_or_path"
             judge = load_model(path, trust_remote_code=training_args.trust_remote_code, flag=flag)
             judge_tokenizer = load_tokenizer(path, flag)
+        images = [list(row) for row in train["images"]] if visual else None
         samples = cached_samples(
             judge, judge_tokenizer, list(train["prompt"]), num_samples=script_args.judge_samples,
             cache_dir=output_dir / "judge_cache", temperature=script_args.judge_temperature,
             max_new_tokens=script_args.judge_max_new_tokens, batch_size=script_args.heldout_batch_size,
-            seed=training_args.seed, desc="judge filter",
+            seed=training_args.seed, desc="judge filter", images=images,
         )  # fmt: skip
-        rates = dataset_pass_rates(samples, train)
+        if visual:
+            rates = pass_rates(samples, list(train["answer"]), visual_answer_correct)
+        else:
+            rates = dataset_pass_rates(samples, train)
         train, report = filter_hard(train, rates, script_args.judge_threshold, output_dir / "filter_report.json")
         print(f"judge filter kept {report['kept']}/{report['total']} prompts ({report['kept_fraction']:.0%})")
         if len(train) == 0:
@@ -82,7 +105,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     trainer = metap_trainer(SFTTrainer, script_args.metap)(
         model=model,
         args=training_args,
-        train_dataset=train.select_columns(["prompt", "completion"]),
+        train_dataset=train.select_columns(["prompt", "completion", *(["images"] if visual else [])]),
         processing_class=tokenizer,
         peft_config=peft_config_for(model_args, model),
     )

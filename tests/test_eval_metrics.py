@@ -11,7 +11,7 @@ METRICS = Path(__file__).resolve().parents[1] / "eval" / "metrics"
 
 @pytest.fixture(scope="module")
 def metrics():
-    names = ("math_accuracy", "gpqa_accuracy", "mgsm_accuracy", "bbh_accuracy", "capability_accuracy")
+    names = ("math_accuracy", "gpqa_accuracy", "mgsm_accuracy", "bbh_accuracy", "capability_accuracy", "visual_accuracy")
     return {name: evaluate.load(str(METRICS / name)) for name in names}
 
 
@@ -70,6 +70,14 @@ def test_mgsm_accuracy_per_language(metrics):
         languages=["de", "zh", "fr", "en"],
     )
     assert result == {"accuracy": 0.75, "accuracy_de": 1.0, "accuracy_en": 0.0, "accuracy_fr": 1.0, "accuracy_zh": 1.0}
+
+
+def test_visual_accuracy(metrics):
+    result = metrics["visual_accuracy"].compute(
+        predictions=["The answer is \\boxed{Top  Left}.", "\\boxed{red}", "red", "\\boxed{3}"],
+        references=["top left", "blue", "red", "3"],
+    )
+    assert result == {"accuracy": 0.5}
 
 
 def test_mgsm_accuracy_numeric_references(metrics):

@@ -1,0 +1,170 @@
+"""The visual task through transformers' Llama4Processor into our Llama4ForConditionalGeneration: multi-image and
+multi-tile prompts, image-aware generation, the `visual` eval task, and the errors for inputs that cannot work.
+
+Needs torchvision (the processor's image half): skipped in the main environment, run in the vision one (see
+docs/multimodal.md)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+
+from eval.generation import generate_completions  # noqa: E402
+from eval.loading import InputError, load_multimodal  # noqa: E402
+from eval.visual import visual_heldout, visual_problems  # noqa: E402
+
+TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    torch.manual_seed(0)
+    model, processor = load_multimodal(str(TINY), from_scratch=True)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return visual_problems("test", 20, seed=0)
+
+
+def test_multi_image_and_multi_tile_prompts_reach_the_model(model_and_processor, rows):
+    model, processor = model_and_processor
+    picked = [row for row in rows if row["num_images"] == 8][:1] + [row for row in rows if row["kind"] == "grounding"][
+        :1
+    ]
+    assert len(picked) == 2
+    texts = [
+        processor.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False) for row in picked
+    ]
+    inputs = processor(
+        text=texts, images=[row["images"] for row in picked], padding=True, padding_side="left",
+        add_special_tokens=False, return_tensors="pt",
+    )  # fmt: skip
+    # 8 single-tile images, then one 112x112 image as 2x2 tiles plus its global view; 4 tokens per 56-pixel tile.
+    assert inputs.pixel_values.shape[0] == 8 + 5
+    image_tokens = (inputs.input_ids == model.config.image_token_id).sum(dim=1).tolist()
+    assert image_tokens == [8 * 4, 5 * 4]
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[:2] == inputs.input_ids.shape and torch.isfinite(logits).all()
+    # The images change the answer: the same prompt with other pixels gives other logits.
+    other = processor(text=texts[:1], images=[rows[1]["images"][:1] * 8],
+                      add_special_tokens=False, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        changed = model(**other).logits[0, -1]
+    assert not torch.allclose(changed, logits[0, -1], atol=1e-5)
+
+
+def test_generation_with_images_matches_one_prompt_at_a_time(model_and_processor, rows):
+    model, processor = model_and_processor
+    prompts, images = list(rows["prompt"][:6]), [list(i) for i in rows["images"][:6]]
+    batched = generate_completions(model, processor, prompts, images=images, max_new_tokens=4, batch_size=6,
+                                   progress=False)  # fmt: skip
+    single = [
+        generate_completions(model, processor, [p], images=[i], max_new_tokens=4, batch_size=1, progress=False)[0]
+        for p, i in zip(prompts, images)
+    ]
+    assert batched == single
+    sampled = generate_completions(model, processor, prompts[:2], images=images[:2], max_new_tokens=4,
+                                   num_samples=3, temperature=1.0, progress=False)  # fmt: skip
+    assert [len(s) for s in sampled] == [3, 3]
+
+
+def test_visual_heldout_reports_buckets_and_the_blind_control(model_and_processor, rows):
+    model, processor = model_and_processor
+    result = visual_heldout(model, processor, rows.select(range(12)), max_new_tokens=4, batch_size=12, progress=False)
+    assert set(result["accuracy_by_level"]) == {"1", "2-4", "5-8"}
+    assert 0.0 <= result["blind_accuracy"] <= 1.0 and len(result["correct"]) == 12
+
+
+def test_eval_cli_scores_the_visual_task_per_images_count(model_and_processor, tmp_path):
+    from eval.runner import main
+
+    model, processor = model_and_processor
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    results = main(["--model", str(tmp_path / "model"), "--tasks", "visual", "--limit", "8", "--max_new_tokens", "4",
+                    "--output_dir", str(tmp_path / "eval"), "--no_progress", "--device", "cpu"])  # fmt: skip
+    scores = results["tasks"]["visual"]
+    assert scores["num_examples"] == 8 and set(scores["subsets"]) <= {"1", "2-4", "5-8"}
+    saved = [json.loads(line) for line in (tmp_path / "eval" / "samples" / "visual.jsonl").read_text().splitlines()]
+    assert len(saved) == 8 and all("completions" in record for record in saved)
+
+
+def test_image_prompts_without_a_processor_are_refused(model_and_processor, rows):
+    model, processor = model_and_processor
+    with pytest.raises(ValueError, match="need the model's processor"):
+        generate_completions(model, processor.tokenizer, list(rows["prompt"][:1]), images=[rows["images"][0]],
+                             max_new_tokens=2)  # fmt: skip
+
+
+def test_image_token_count_must_match_the_images(model_and_processor, rows):
+    model, processor = model_and_processor
+    text = processor.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[rows[0]["images"]], add_special_tokens=False, return_tensors="pt")
+    two_images = torch.cat([inputs.pixel_values, inputs.pixel_values])  # features for 2 tiles, tokens for 1
+    with pytest.raises(ValueError, match="image"):
+        model(input_ids=inputs.input_ids, pixel_values=two_images)
+
+
+def test_a_text_only_checkpoint_is_refused(tmp_path):
+    from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+
+    Llama4ForCausalLM(Llama4TextConfig.from_pretrained(TINY)).save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="without a vision tower"):
+        load_multimodal(str(tmp_path))
+
+
+def test_early_fusion_collator_masks_image_tokens_and_packs_whole_documents(model_and_processor, rows):
+    from recipes.visual import IMAGE_TOKENS, EarlyFusionCollator
+
+    model, processor = model_and_processor
+    grounding = next(row for row in rows if row["kind"] == "grounding")
+    documents = [
+        {"text": "Question: 2 + 3?\nAnswer: 5", "images": []},
+        {"text": "<|image|>A red square. <|image|>A blue circle.", "images": rows[1]["images"]},
+        {"text": "<|image|>A shape at the top left.", "images": grounding["images"]},
+    ]
+    image_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)))
+    padded = EarlyFusionCollator(processor)(documents)
+    packed = EarlyFusionCollator(processor, pack=True)(documents)
+    assert padded["pixel_values"].shape[0] == packed["pixel_values"].shape[0] == 2 + 5
+    for batch in (padded, packed):
+        is_image = torch.isin(batch["input_ids"], image_ids)
+        assert (batch["labels"][is_image] == -100).all()  # no loss on any image token
+        assert (batch["input_ids"] == model.config.image_token_id).sum() == batch["pixel_values"].shape[0] * 4
+        text = batch["labels"][~is_image & (batch["labels"] != -100)]
+        assert len(text) > 20  # the captions and the arithmetic are trained on
+    # Packed: one row, positions restart at every document, and each document's tokens are contiguous and whole.
+    lengths = padded["attention_mask"].sum(dim=1).tolist()
+    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert packed["input_ids"].shape == (1, sum(lengths)) and starts == [0, lengths[0], lengths[0] + lengths[1]]
+    for row, (start, length) in enumerate(zip(starts, lengths)):
+        assert torch.equal(packed["input_ids"][0, start : start + length], padded["input_ids"][row, :length])
+    with torch.no_grad():
+        assert torch.isfinite(model(**packed).loss) and torch.isfinite(model(**padded).loss)
+
+
+def test_early_fusion_collator_errors(model_and_processor, rows):
+    from recipes.visual import EarlyFusionCollator
+
+    _, processor = model_and_processor
+    with pytest.raises(InputError, match="2 <\\|image\\|> markers but 1 images"):
+        EarlyFusionCollator(processor)([{"text": "<|image|>a <|image|>b", "images": rows[0]["images"]}])
+    with pytest.raises(InputError, match="would split an image's tokens"):
+        EarlyFusionCollator(processor, max_length=8)([{"text": "<|image|>A red square.", "images": rows[0]["images"]}])
+    cut = EarlyFusionCollator(processor, max_length=8)([{"text": "a long text-only document", "images": []}])
+    assert cut["input_ids"].shape[1] == 8  # text-only documents are cut, as in the text recipe
+
+
+def test_online_rl_refuses_multi_tile_images(model_and_processor, rows):
+    from recipes.visual import check_single_tile
+
+    _, processor = model_and_processor
+    check_single_tile(rows.filter(lambda row: row["kind"] != "grounding"), processor)
+    with pytest.raises(InputError, match="several processor tiles"):
+        check_single_tile(rows, processor)
