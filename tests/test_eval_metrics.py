@@ -11,7 +11,14 @@ METRICS = Path(__file__).resolve().parents[1] / "eval" / "metrics"
 
 @pytest.fixture(scope="module")
 def metrics():
-    names = ("math_accuracy", "gpqa_accuracy", "mgsm_accuracy", "bbh_accuracy", "capability_accuracy", "visual_accuracy")
+    names = (
+        "math_accuracy",
+        "gpqa_accuracy",
+        "mgsm_accuracy",
+        "bbh_accuracy",
+        "capability_accuracy",
+        "visual_accuracy",
+    )
     return {name: evaluate.load(str(METRICS / name)) for name in names}
 
 
