@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
+from transformers import DynamicCache
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
+from trl.kernels import ChunkedLogProbFunction
 
-import modeling_llama4  # noqa: F401  (registers our classes for the reference GRPO reloads with beta > 0)
+import modeling_llama4  # registers our classes for the reference GRPO reloads with beta > 0
 
 from .common import write_json_atomic
 
@@ -261,6 +265,125 @@ class OnlineRLTrainer(GRPOTrainer):
             merged[key] = torch.cat(pieces)
         merged["num_items_in_batch"] = self.accelerator.gather(merged["completion_mask"].sum()).sum()
         return merged
+
+    # -- log-probabilities -------------------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal_inputs,
+    ):
+        """TRL's log-probs and entropies of the last `logits_to_keep` tokens, computed over the completions only.
+
+        TRL's fused LM head scores every position (prompt included) on CPU, and the batch repeats each prompt
+        `num_generations` times. Here each distinct prompt runs once (its key/value cache is then gathered to every
+        row that shares it, a differentiable index), the completions run on top of that cache, and the LM head
+        sees only the completion positions. Values, gradients and the load-balancing loss equal TRL's
+        (tests/test_rl_logprobs.py); TRL's path is kept where this one cannot be used (see `_can_share_prompts`)."""
+        if any(value is not None for value in multimodal_inputs.values()) or not self._can_share_prompts(model):
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size=batch_size,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss,
+                **multimodal_inputs,
+            )
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies, aux_losses = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            with self.accelerator.autocast():
+                chunk = self._completion_logps(
+                    model, input_ids[rows], attention_mask[rows], logits_to_keep, compute_aux_loss
+                )
+            logps.append(chunk[0])
+            entropies.append(chunk[1])
+            aux_losses.append(chunk[2])
+        return (
+            torch.cat(logps),
+            torch.cat(entropies) if compute_entropy else None,
+            torch.stack(aux_losses).mean() if compute_aux_loss else None,
+        )
+
+    def _can_share_prompts(self, model) -> bool:
+        """Our text model called directly (its backbone takes a cache). A DDP wrapper must see one forward per
+        backward, and checkpointed layers drop the cache; multimodal models keep TRL's path."""
+        if model is not self.accelerator.unwrap_model(model) or self.args.gradient_checkpointing:
+            return False
+        base = model.get_base_model() if is_peft_model(model) else model
+        return isinstance(base, modeling_llama4.Llama4ForCausalLM)
+
+    def _completion_logps(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        compute_aux_loss: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(log-probs, entropies) of shape (B, logits_to_keep), zero at padding as in TRL, and the aux loss."""
+        base = model.get_base_model() if is_peft_model(model) else model
+        backbone, lm_head = base.model, base.get_output_embeddings()
+        # The prompt but its last token runs once per distinct row; that last token's output predicts the first
+        # completion token, so it runs with the completions.
+        prefix_len = input_ids.size(1) - logits_to_keep - 1
+        router_logits = compute_aux_loss or None
+        cache = DynamicCache()  # every layer keeps every token, so the suffix's chunked attention sees them
+        prefix_logits: tuple[torch.Tensor, ...] = ()
+        if prefix_len > 0:
+            prefix = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len]], dim=1)
+            unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2 * prefix_len), (B,)
+            out = backbone(
+                input_ids=unique[:, :prefix_len],
+                attention_mask=unique[:, prefix_len:],
+                cache=cache,
+                use_cache=True,
+                output_router_logits=router_logits,
+            )
+            cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...) for every layer's keys and values
+            if compute_aux_loss:  # (U * prefix_len, E) per layer -> the rows' (B, prefix_len, E)
+                prefix_logits = tuple(r.view(len(unique), prefix_len, -1)[inverse] for r in out.router_logits)
+        out = backbone(
+            input_ids=input_ids[:, max(prefix_len, 0) :],
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+            output_router_logits=router_logits,
+        )
+        hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]  # (B, C, H): the states before each token
+        labels = input_ids[:, -logits_to_keep:]
+        mask = attention_mask[:, -logits_to_keep:].bool()  # TRL's labels are -100 where the attention mask is 0
+        precision = nullcontext()
+        if self.args.cast_lm_head_to_fp32:
+            hidden, precision = hidden.float(), torch.autocast(hidden.device.type, enabled=False)
+        with precision:
+            # TRL's own kernel (the one its fused head runs), fed only the completion positions. Llama 4 has no
+            # logit soft-capping and no logit scale.
+            per_token = ChunkedLogProbFunction.apply(
+                hidden[mask], lm_head.weight, lm_head.bias, labels[mask], self.temperature, 32768, None, 1.0,
+                ("log_probs", "entropy"),
+            )  # fmt: skip
+        logps, entropy = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token[:2])
+        aux_loss = None
+        if compute_aux_loss:
+            # TRL's loss over the whole batch, every token in its (B, S) place, as its fused head computes it.
+            suffix_logits = [r.view(input_ids.size(0), -1, r.size(-1)) for r in out.router_logits]
+            if prefix_logits:
+                suffix_logits = [torch.cat(pair, dim=1) for pair in zip(prefix_logits, suffix_logits)]
+            gate_logits = tuple(r.flatten(0, 1) for r in suffix_logits)  # (B * S, E) per layer
+            aux_loss = load_balancing_loss_func(
+                gate_logits, base.config.num_experts, base.config.num_experts_per_tok, attention_mask
+            )
+        return logps, entropy, aux_loss
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
