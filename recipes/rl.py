@@ -30,7 +30,10 @@ from transformers import DynamicCache
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
+from trl.extras.profiling import profiling_context
 from trl.kernels import ChunkedLogProbFunction
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
 import modeling_llama4  # registers our classes for the reference GRPO reloads with beta > 0
 
@@ -100,6 +103,33 @@ class PromptStats:
         self.attempts = torch.tensor(state["attempts"], dtype=torch.float64)
         self.successes = torch.tensor(state["successes"], dtype=torch.float64)
         self.draws = state["draws"]
+
+
+def generate_sharing_prompts(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs: Any
+) -> torch.Tensor:
+    """`model.generate(input_ids, attention_mask, ...)` (our Llama 4, left-padded prompts) with the prefill of each
+    distinct prompt run once: GRPO repeats every prompt `num_generations` times. All but the last prompt token are
+    prefilled per distinct row, the cache is gathered to every row, and `generate` runs the last token and decodes
+    as usual (the same logits, so greedy decoding gives the same tokens: tests/test_rl_logprobs.py)."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    prefix_len = input_ids.size(1) - 1
+    if prefix_len < 1:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+    prefix = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len]], dim=1)
+    unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2 * prefix_len), (B,)
+    cache = DynamicCache(config=base.config)  # the cache generate() would build: chunked layers keep one chunk
+    unique_mask = unique[:, prefix_len:]
+    positions = (unique_mask.cumsum(-1) - 1).masked_fill(unique_mask == 0, 0)  # generate()'s, from the mask
+    base.model(
+        input_ids=unique[:, :prefix_len],
+        attention_mask=unique_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+    )
+    cache.batch_select_indices(inverse)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **generate_kwargs)
 
 
 # Tensors in GRPO's generation output that are padded on the left (prompts); the other 2-D ones are right padded.
@@ -265,6 +295,48 @@ class OnlineRLTrainer(GRPOTrainer):
             merged[key] = torch.cat(pieces)
         merged["num_items_in_batch"] = self.accelerator.gather(merged["completion_mask"].sum()).sum()
         return merged
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's `model.generate` path with each distinct prompt's prefill run once (`generate_sharing_prompts`);
+        TRL's own path for vLLM, continuous batching, images and other models."""
+        if (
+            self.use_vllm
+            or self.use_transformers_continuous_batching
+            or images is not None
+            or multimodal_fields
+            or has_tool_images
+            or not self._can_share_prompts(self.accelerator.unwrap_model(self.model))
+        ):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        padding = dict(padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of)
+        inputs = super()._prepare_inputs(
+            {
+                "input_ids": pad(prompts, padding_value=self._tokenizer.pad_token_id, **padding),
+                "attention_mask": pad([torch.ones_like(t) for t in prompts], padding_value=0, **padding),
+            }
+        )
+        with (
+            profiling_context(self, "transformers.generate"),
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            output = generate_sharing_prompts(unwrapped_model, **inputs, generation_config=self.generation_config)
+        completion_ids = output[:, inputs["input_ids"].size(1) :]  # (B, C)
+        # As TRL: each completion up to and including its first EOS.
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=completion_ids.device))
+        ends = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), is_eos.size(1))
+        keep = torch.arange(is_eos.size(1), device=ends.device) <= ends.unsqueeze(1)
+        return [ids[row].tolist() for ids, row in zip(completion_ids.cpu(), keep.cpu(), strict=True)], None
 
     # -- log-probabilities -------------------------------------------------------------------------------------
 

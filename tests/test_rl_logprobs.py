@@ -10,7 +10,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from recipes.rl import OnlineRLTrainer
+from recipes.rl import OnlineRLTrainer, generate_sharing_prompts
 from tests.conftest import tiny_text_kwargs
 
 PAD = 0
@@ -112,3 +112,20 @@ def test_trls_path_where_prompts_cannot_be_shared():
     model = _model()
     assert _trainer()._can_share_prompts(model)
     assert not _trainer(gradient_checkpointing=True)._can_share_prompts(model)  # checkpointed layers drop caches
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_sharing_prompts_gives_generates_tokens(do_sample):
+    """Left-padded prompts repeated as GRPO batches them (chunk boundaries crossed): the same tokens as a plain
+    `generate`, greedy and sampled from the same seed."""
+    generator = torch.Generator().manual_seed(11)
+    model = _model().eval()
+    ids, mask, keep = _batch((21, 9, 30), (1,), 3, generator)
+    ids, mask = ids[:, :-keep], mask[:, :-keep]
+    kwargs = dict(max_new_tokens=12, do_sample=do_sample, temperature=0.7, top_k=0, pad_token_id=PAD)
+    torch.manual_seed(5)
+    ours = generate_sharing_prompts(model, ids, mask, **kwargs)
+    torch.manual_seed(5)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert ours.shape == plain.shape and ours.shape[1] > ids.shape[1]
+    assert torch.equal(ours, plain)
