@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
-from transformers import DynamicCache
+from transformers import DynamicCache, Trainer
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
@@ -305,18 +305,19 @@ class OnlineRLTrainer(GRPOTrainer):
             or images is not None
             or multimodal_fields
             or has_tool_images
-            or not self._can_share_prompts(self.accelerator.unwrap_model(self.model))
+            or not self._can_share_prompts(self.accelerator.unwrap_model(self.model), generation=True)
         ):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         padding = dict(padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of)
-        inputs = super()._prepare_inputs(
+        inputs = Trainer._prepare_inputs(  # to the device, as TRL does (GRPOTrainer's own buffers generations)
+            self,
             {
                 "input_ids": pad(prompts, padding_value=self._tokenizer.pad_token_id, **padding),
                 "attention_mask": pad([torch.ones_like(t) for t in prompts], padding_value=0, **padding),
-            }
+            },
         )
         with (
             profiling_context(self, "transformers.generate"),
@@ -386,10 +387,11 @@ class OnlineRLTrainer(GRPOTrainer):
             torch.stack(aux_losses).mean() if compute_aux_loss else None,
         )
 
-    def _can_share_prompts(self, model) -> bool:
+    def _can_share_prompts(self, model, generation: bool = False) -> bool:
         """Our text model called directly (its backbone takes a cache). A DDP wrapper must see one forward per
-        backward, and checkpointed layers drop the cache; multimodal models keep TRL's path."""
-        if model is not self.accelerator.unwrap_model(model) or self.args.gradient_checkpointing:
+        backward, and checkpointed layers drop the cache (generation runs without either); multimodal models keep
+        TRL's path."""
+        if not generation and (model is not self.accelerator.unwrap_model(model) or self.args.gradient_checkpointing):
             return False
         base = model.get_base_model() if is_peft_model(model) else model
         return isinstance(base, modeling_llama4.Llama4ForCausalLM)

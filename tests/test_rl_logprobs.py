@@ -112,6 +112,7 @@ def test_trls_path_where_prompts_cannot_be_shared():
     model = _model()
     assert _trainer()._can_share_prompts(model)
     assert not _trainer(gradient_checkpointing=True)._can_share_prompts(model)  # checkpointed layers drop caches
+    assert _trainer(gradient_checkpointing=True)._can_share_prompts(model, generation=True)
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
@@ -129,3 +130,36 @@ def test_generate_sharing_prompts_gives_generates_tokens(do_sample):
     plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     assert ours.shape == plain.shape and ours.shape[1] > ids.shape[1]
     assert torch.equal(ours, plain)
+
+
+@pytest.mark.slow
+def test_trainer_generation_equals_trls(tmp_path):
+    """`OnlineRLTrainer._generate_single_turn` (shared prefill) against TRL's, same seed, on a real trainer."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from recipes.rl import OnlineRLConfig
+    from tests.recipe_rewards import digit_share_reward
+
+    tokenizer = AutoTokenizer.from_pretrained("hub_configs/tiny")
+    tokenizer.padding_side = "left"
+    model = Llama4ForCausalLM(Llama4TextConfig.from_pretrained("hub_configs/tiny"))
+    prompts = ["What is 3 + 4?", "Solve 12 - 5 = x.", "2 * 9 =", "Add 41 and 17, then halve it."]
+    args = OnlineRLConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=10,
+        use_cpu=True, bf16=False, report_to="none", max_steps=1, beta=0.0, pass_rate_reward="digit_share_reward",
+        curriculum_column=None, hard_prompt_sampling=False,
+    )  # fmt: skip
+    trainer = OnlineRLTrainer(
+        model=model, reward_funcs=[digit_share_reward], args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
+    )  # fmt: skip
+    prompt_ids, images, fields = trainer._tokenize_prompts([p for p in prompts[:2] for _ in range(4)])
+    assert (
+        trainer._can_share_prompts(trainer.model, generation=True) and len({len(ids) for ids in prompt_ids}) == 2
+    )  # padded
+    torch.manual_seed(1)
+    ours = trainer._generate_single_turn(prompt_ids, images, fields, 4)
+    torch.manual_seed(1)
+    trls = GRPOTrainer._generate_single_turn(trainer, prompt_ids, images, fields, 4)
+    assert ours == trls and any(ours[0])
