@@ -6,7 +6,7 @@
 Each variant runs `recipes/online_rl.py` (recipes/configs/online_rl_tiny.yaml, no held-out evaluation, no
 checkpoints) for `--max_steps` steps in a fresh subprocess under cProfile. "trl": `OnlineRLTrainer` with its
 prompt-sharing overrides switched off, i.e. TRL's `generate` and fused-head log-probs over every position;
-"ours": as shipped. Times are CPU seconds of the process (`time.process_time`, all threads), which a machine
+"ours": as shipped (with the config's static cache; "trl" runs generate()'s default dynamic one). Times are CPU seconds of the process (`time.process_time`, all threads), which a machine
 busy with other work inflates less than wall time; wall time is printed too. Same seed, same prompts drawn.
 """
 
@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (row, function as pstats names it: "file:function"); cumulative CPU seconds.
 PARTS = [
-    ("generation (all rounds)", "grpo_trainer.py:_generate_single_turn"),
+    ("generation (all rounds)", "grpo_trainer.py:_generate"),
     ("  prefill inside generate()", "generation/utils.py:_prefill"),
     ("rewards and grading", "grpo_trainer.py:_calculate_rewards"),
     ("log-prob forward (training)", "grpo_trainer.py:compute_loss"),
     ("backward", "torch/autograd/__init__.py:backward"),
-    ("optimizer step", "trainer.py:_optimizer_step"),
+    ("optimizer step", "torch/optim/optimizer.py:wrapper"),
 ]
 TOTAL = "trainer.py:_inner_training_loop"
 
@@ -46,12 +46,14 @@ def child(variant: str, model: str, max_steps: int, out: str) -> None:
     from recipes.rl import OnlineRLConfig, OnlineRLTrainer
     from recipes.validation import run_recipe
 
+    extra = []
     if variant == "trl":
         OnlineRLTrainer._can_share_prompts = lambda self, model, generation=False: False
+        extra = ["--cache_implementation", "dynamic"]  # generate()'s default cache, as before the config set one
     with tempfile.TemporaryDirectory() as output_dir:
         argv = ["--config", str(ROOT / "recipes/configs/online_rl_tiny.yaml"), "--model_name_or_path", model,
                 "--max_steps", str(max_steps), "--heldout_problems", "0", "--output_dir", output_dir,
-                "--save_strategy", "no", "--logging_steps", "1"]  # fmt: skip
+                "--save_strategy", "no", "--logging_steps", "1", *extra]  # fmt: skip
         profile = cProfile.Profile(time.process_time)
         wall, cpu = time.perf_counter(), time.process_time()
         results = profile.runcall(

@@ -17,6 +17,7 @@ and draw counter are saved in every checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
-from transformers import DynamicCache, Trainer
+from transformers import DynamicCache, StaticCache, Trainer
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
@@ -111,25 +112,38 @@ def generate_sharing_prompts(
     """`model.generate(input_ids, attention_mask, ...)` (our Llama 4, left-padded prompts) with the prefill of each
     distinct prompt run once: GRPO repeats every prompt `num_generations` times. All but the last prompt token are
     prefilled per distinct row, the cache is gathered to every row, and `generate` runs the last token and decodes
-    as usual (the same logits, so greedy decoding gives the same tokens: tests/test_rl_logprobs.py)."""
+    as usual (the same logits, so the same tokens: tests/test_rl_logprobs.py).
+
+    With `cache_implementation="static"` in the generation config the cache is a `StaticCache` sized for the
+    prompt and `max_new_tokens`: a dynamic cache concatenates (re-allocates) every layer's keys and values at each
+    decode step, which at GRPO's batch sizes on CPU costs more than the attention itself."""
     base = model.get_base_model() if is_peft_model(model) else model
     prefix_len = input_ids.size(1) - 1
-    if prefix_len < 1:
+    config = generate_kwargs.get("generation_config")
+    static = config is not None and config.cache_implementation == "static"
+    if prefix_len < 1 and not static:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-    prefix = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len]], dim=1)
-    unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2 * prefix_len), (B,)
-    cache = DynamicCache(config=base.config)  # the cache generate() would build: chunked layers keep one chunk
-    unique_mask = unique[:, prefix_len:]
-    positions = (unique_mask.cumsum(-1) - 1).masked_fill(unique_mask == 0, 0)  # generate()'s, from the mask
-    base.model(
-        input_ids=unique[:, :prefix_len],
-        attention_mask=unique_mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-    )
-    cache.batch_select_indices(inverse)
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **generate_kwargs)
+    if static:  # the cache is ours: generate() must not build another
+        generate_kwargs["generation_config"] = config = copy.deepcopy(config)
+        config.cache_implementation = None
+        cache = StaticCache(config=base.config, max_cache_len=input_ids.size(1) + config.max_new_tokens)
+    else:
+        cache = DynamicCache(config=base.config)  # the cache generate() would build: chunked layers keep one chunk
+    if prefix_len >= 1:
+        prefix = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len]], dim=1)
+        unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2 * prefix_len), (B,)
+        unique_mask = unique[:, prefix_len:]
+        positions = (unique_mask.cumsum(-1) - 1).masked_fill(unique_mask == 0, 0)  # generate()'s, from the mask
+        base.model(
+            input_ids=unique[:, :prefix_len], attention_mask=unique_mask, position_ids=positions, cache=cache,
+            use_cache=True, output_router_logits=False,
+        )  # fmt: skip
+        cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): every layer's keys and values, gathered
+    # Router losses are training-only; with a static cache the model gets prepared (dict) masks they cannot read.
+    return model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, output_router_logits=False,
+        **generate_kwargs,
+    )  # fmt: skip
 
 
 # Tensors in GRPO's generation output that are padded on the left (prompts); the other 2-D ones are right padded.

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
+from transformers import GenerationConfig
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
@@ -115,19 +116,23 @@ def test_trls_path_where_prompts_cannot_be_shared():
     assert _trainer(gradient_checkpointing=True)._can_share_prompts(model, generation=True)
 
 
+@pytest.mark.parametrize("cache", [None, "static"])
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_generate_sharing_prompts_gives_generates_tokens(do_sample):
-    """Left-padded prompts repeated as GRPO batches them (chunk boundaries crossed): the same tokens as a plain
-    `generate`, greedy and sampled from the same seed."""
+def test_generate_sharing_prompts_gives_generates_tokens(do_sample, cache):
+    """Left-padded prompts repeated as GRPO batches them (chunk boundaries crossed), router logits on in the
+    config: the same tokens as a plain `generate` (dynamic cache), greedy and sampled from the same seed."""
     generator = torch.Generator().manual_seed(11)
     model = _model().eval()
+    model.config.output_router_logits = True
     ids, mask, keep = _batch((21, 9, 30), (1,), 3, generator)
     ids, mask = ids[:, :-keep], mask[:, :-keep]
-    kwargs = dict(max_new_tokens=12, do_sample=do_sample, temperature=0.7, top_k=0, pad_token_id=PAD)
+    options = dict(max_new_tokens=12, do_sample=do_sample, temperature=0.7, top_k=0, pad_token_id=PAD)
+    config = GenerationConfig(**options, cache_implementation=cache)
     torch.manual_seed(5)
-    ours = generate_sharing_prompts(model, ids, mask, **kwargs)
+    ours = generate_sharing_prompts(model, ids, mask, generation_config=config)
+    assert config.cache_implementation == cache  # the caller's config is left as it was
     torch.manual_seed(5)
-    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(**options))
     assert ours.shape == plain.shape and ours.shape[1] > ids.shape[1]
     assert torch.equal(ours, plain)
 
