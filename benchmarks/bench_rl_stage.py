@@ -30,7 +30,6 @@ PARTS = [
     ("rewards and grading", "grpo_trainer.py:_calculate_rewards"),
     ("log-prob forward (training)", "grpo_trainer.py:compute_loss"),
     ("backward", "torch/autograd/__init__.py:backward"),
-    ("optimizer step", "torch/optim/optimizer.py:wrapper"),
 ]
 TOTAL = "trainer.py:_inner_training_loop"
 

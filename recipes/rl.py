@@ -120,7 +120,7 @@ def generate_sharing_prompts(
     base = model.get_base_model() if is_peft_model(model) else model
     prefix_len = input_ids.size(1) - 1
     config = generate_kwargs.get("generation_config")
-    static = config is not None and config.cache_implementation == "static"
+    static = config is not None and config.cache_implementation == "static" and config.max_new_tokens is not None
     if prefix_len < 1 and not static:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
     if static:  # the cache is ours: generate() must not build another
@@ -424,7 +424,6 @@ class OnlineRLTrainer(GRPOTrainer):
         # The prompt but its last token runs once per distinct row; that last token's output predicts the first
         # completion token, so it runs with the completions.
         prefix_len = input_ids.size(1) - logits_to_keep - 1
-        router_logits = compute_aux_loss or None
         cache = DynamicCache()  # every layer keeps every token, so the suffix's chunked attention sees them
         prefix_logits: tuple[torch.Tensor, ...] = ()
         if prefix_len > 0:
@@ -435,7 +434,7 @@ class OnlineRLTrainer(GRPOTrainer):
                 attention_mask=unique[:, prefix_len:],
                 cache=cache,
                 use_cache=True,
-                output_router_logits=router_logits,
+                output_router_logits=compute_aux_loss,
             )
             cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...) for every layer's keys and values
             if compute_aux_loss:  # (U * prefix_len, E) per layer -> the rows' (B, prefix_len, E)
@@ -445,7 +444,7 @@ class OnlineRLTrainer(GRPOTrainer):
             attention_mask=attention_mask,
             cache=cache,
             use_cache=True,
-            output_router_logits=router_logits,
+            output_router_logits=compute_aux_loss,
         )
         hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]  # (B, C, H): the states before each token
         labels = input_ids[:, -logits_to_keep:]
