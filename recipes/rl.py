@@ -32,18 +32,26 @@ draw counter and prompt pool are saved in every checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
+from transformers import DynamicCache, StaticCache, Trainer
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
+from trl.extras.profiling import profiling_context
+from trl.kernels import ChunkedLogProbFunction
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
-import modeling_llama4  # noqa: F401  (registers our classes for the reference GRPO reloads with beta > 0)
+import modeling_llama4  # registers our classes for the reference GRPO reloads with beta > 0
 from eval.capabilities import SYSTEM_INSTRUCTIONS, with_system_instruction
 from eval.generation import generate_completions
 from eval.loading import InputError
@@ -260,6 +268,46 @@ class PromptStats:
         self.attempts = torch.tensor(state["attempts"], dtype=torch.float64)
         self.successes = torch.tensor(state["successes"], dtype=torch.float64)
         self.draws = state["draws"]
+
+
+def generate_sharing_prompts(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs: Any
+) -> torch.Tensor:
+    """`model.generate(input_ids, attention_mask, ...)` (our Llama 4, left-padded prompts) with the prefill of each
+    distinct prompt run once: GRPO repeats every prompt `num_generations` times. All but the last prompt token are
+    prefilled per distinct row, the cache is gathered to every row, and `generate` runs the last token and decodes
+    as usual (the same logits, so the same tokens: tests/test_rl_logprobs.py).
+
+    With `cache_implementation="static"` in the generation config the cache is a `StaticCache` sized for the
+    prompt and `max_new_tokens`: a dynamic cache concatenates (re-allocates) every layer's keys and values at each
+    decode step, which at GRPO's batch sizes on CPU costs more than the attention itself."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    prefix_len = input_ids.size(1) - 1
+    config = generate_kwargs.get("generation_config")
+    static = config is not None and config.cache_implementation == "static" and config.max_new_tokens is not None
+    if prefix_len < 1 and not static:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+    if static:  # the cache is ours: generate() must not build another
+        generate_kwargs["generation_config"] = config = copy.deepcopy(config)
+        config.cache_implementation = None
+        cache = StaticCache(config=base.config, max_cache_len=input_ids.size(1) + config.max_new_tokens)
+    else:
+        cache = DynamicCache(config=base.config)  # the cache generate() would build: chunked layers keep one chunk
+    if prefix_len >= 1:
+        prefix = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len]], dim=1)
+        unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2 * prefix_len), (B,)
+        unique_mask = unique[:, prefix_len:]
+        positions = (unique_mask.cumsum(-1) - 1).masked_fill(unique_mask == 0, 0)  # generate()'s, from the mask
+        base.model(
+            input_ids=unique[:, :prefix_len], attention_mask=unique_mask, position_ids=positions, cache=cache,
+            use_cache=True, output_router_logits=False,
+        )  # fmt: skip
+        cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): every layer's keys and values, gathered
+    # Router losses are training-only; with a static cache the model gets prepared (dict) masks they cannot read.
+    return model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, output_router_logits=False,
+        **generate_kwargs,
+    )  # fmt: skip
 
 
 # Tensors in GRPO's generation output that are padded on the left (prompts); the other 2-D ones are right padded.
@@ -634,6 +682,168 @@ class OnlineRLTrainer(GRPOTrainer):
             merged[key] = torch.cat(pieces)
         merged["num_items_in_batch"] = self.accelerator.gather(merged["completion_mask"].sum()).sum()
         return merged
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's `model.generate` path with each distinct prompt's prefill run once (`generate_sharing_prompts`);
+        TRL's own path for vLLM, continuous batching, images and other models."""
+        if (
+            self.use_vllm
+            or self.use_transformers_continuous_batching
+            or images is not None
+            or multimodal_fields
+            or has_tool_images
+            or not self._can_share_prompts(self.accelerator.unwrap_model(self.model), generation=True)
+        ):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        padding = dict(padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of)
+        inputs = Trainer._prepare_inputs(  # to the device, as TRL does (GRPOTrainer's own buffers generations)
+            self,
+            {
+                "input_ids": pad(prompts, padding_value=self._tokenizer.pad_token_id, **padding),
+                "attention_mask": pad([torch.ones_like(t) for t in prompts], padding_value=0, **padding),
+            },
+        )
+        with (
+            profiling_context(self, "transformers.generate"),
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            output = generate_sharing_prompts(unwrapped_model, **inputs, generation_config=self.generation_config)
+        completion_ids = output[:, inputs["input_ids"].size(1) :]  # (B, C)
+        # As TRL: each completion up to and including its first EOS.
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=completion_ids.device))
+        ends = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), is_eos.size(1))
+        keep = torch.arange(is_eos.size(1), device=ends.device) <= ends.unsqueeze(1)
+        return [ids[row].tolist() for ids, row in zip(completion_ids.cpu(), keep.cpu(), strict=True)], None
+
+    # -- log-probabilities -------------------------------------------------------------------------------------
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal_inputs,
+    ):
+        """TRL's log-probs and entropies of the last `logits_to_keep` tokens, computed over the completions only.
+
+        TRL's fused LM head scores every position (prompt included) on CPU, and the batch repeats each prompt
+        `num_generations` times. Here each distinct prompt runs once (its key/value cache is then gathered to every
+        row that shares it, a differentiable index), the completions run on top of that cache, and the LM head
+        sees only the completion positions. Values, gradients and the load-balancing loss equal TRL's
+        (tests/test_rl_logprobs.py); TRL's path is kept where this one cannot be used (see `_can_share_prompts`)."""
+        if any(value is not None for value in multimodal_inputs.values()) or not self._can_share_prompts(model):
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size=batch_size,
+                compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss,
+                **multimodal_inputs,
+            )
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies, aux_losses = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            with self.accelerator.autocast():
+                chunk = self._completion_logps(
+                    model, input_ids[rows], attention_mask[rows], logits_to_keep, compute_aux_loss
+                )
+            logps.append(chunk[0])
+            entropies.append(chunk[1])
+            aux_losses.append(chunk[2])
+        return (
+            torch.cat(logps),
+            torch.cat(entropies) if compute_entropy else None,
+            torch.stack(aux_losses).mean() if compute_aux_loss else None,
+        )
+
+    def _can_share_prompts(self, model, generation: bool = False) -> bool:
+        """Our text model called directly (its backbone takes a cache). A DDP wrapper must see one forward per
+        backward, and checkpointed layers drop the cache (generation runs without either); multimodal models keep
+        TRL's path."""
+        if not generation and (model is not self.accelerator.unwrap_model(model) or self.args.gradient_checkpointing):
+            return False
+        base = model.get_base_model() if is_peft_model(model) else model
+        return isinstance(base, modeling_llama4.Llama4ForCausalLM)
+
+    def _completion_logps(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        compute_aux_loss: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(log-probs, entropies) of shape (B, logits_to_keep), zero at padding as in TRL, and the aux loss."""
+        base = model.get_base_model() if is_peft_model(model) else model
+        backbone, lm_head = base.model, base.get_output_embeddings()
+        # The prompt but its last token runs once per distinct row; that last token's output predicts the first
+        # completion token, so it runs with the completions.
+        prefix_len = input_ids.size(1) - logits_to_keep - 1
+        cache = DynamicCache()  # every layer keeps every token, so the suffix's chunked attention sees them
+        prefix_logits: tuple[torch.Tensor, ...] = ()
+        if prefix_len > 0:
+            prefix = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len]], dim=1)
+            unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2 * prefix_len), (B,)
+            out = backbone(
+                input_ids=unique[:, :prefix_len],
+                attention_mask=unique[:, prefix_len:],
+                cache=cache,
+                use_cache=True,
+                output_router_logits=compute_aux_loss,
+            )
+            cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...) for every layer's keys and values
+            if compute_aux_loss:  # (U * prefix_len, E) per layer -> the rows' (B, prefix_len, E)
+                prefix_logits = tuple(r.view(len(unique), prefix_len, -1)[inverse] for r in out.router_logits)
+        out = backbone(
+            input_ids=input_ids[:, max(prefix_len, 0) :],
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+            output_router_logits=compute_aux_loss,
+        )
+        hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]  # (B, C, H): the states before each token
+        labels = input_ids[:, -logits_to_keep:]
+        mask = attention_mask[:, -logits_to_keep:].bool()  # TRL's labels are -100 where the attention mask is 0
+        precision = nullcontext()
+        if self.args.cast_lm_head_to_fp32:
+            hidden, precision = hidden.float(), torch.autocast(hidden.device.type, enabled=False)
+        with precision:
+            # TRL's own kernel (the one its fused head runs), fed only the completion positions. Llama 4 has no
+            # logit soft-capping and no logit scale.
+            per_token = ChunkedLogProbFunction.apply(
+                hidden[mask], lm_head.weight, lm_head.bias, labels[mask], self.temperature, 32768, None, 1.0,
+                ("log_probs", "entropy"),
+            )  # fmt: skip
+        logps, entropy = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token[:2])
+        aux_loss = None
+        if compute_aux_loss:
+            # TRL's loss over the whole batch, every token in its (B, S) place, as its fused head computes it.
+            suffix_logits = [r.view(input_ids.size(0), -1, r.size(-1)) for r in out.router_logits]
+            if prefix_logits:
+                suffix_logits = [torch.cat(pair, dim=1) for pair in zip(prefix_logits, suffix_logits)]
+            gate_logits = tuple(r.flatten(0, 1) for r in suffix_logits)  # (B * S, E) per layer
+            aux_loss = load_balancing_loss_func(
+                gate_logits, base.config.num_experts, base.config.num_experts_per_tok, attention_mask
+            )
+        return logps, entropy, aux_loss
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
