@@ -534,7 +534,9 @@ def add_router_losses(
     if not router_logits:
         return loss, None, None
     token_mask = None
-    if attention_mask is not None and attention_mask.ndim == 2:
+    # A dict (per-layer-type masks, as `generate` builds for a static cache) or a 4-D mask carries no per-token
+    # padding flag to use: every token then counts.
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         # With a cache the 2-D mask also covers the cached tokens; the routers only saw the ones just run.
         num_new = router_logits[0].shape[0] // attention_mask.shape[0]
         token_mask = attention_mask[:, -num_new:].reshape(-1).bool()

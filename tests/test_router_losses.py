@@ -75,6 +75,19 @@ def test_router_losses_during_cached_decoding_mask_only_the_new_tokens():
     torch.testing.assert_close(step.aux_loss, expected)
 
 
+def test_static_cache_generation_with_router_logits_gives_the_same_tokens():
+    # With a static cache `generate` passes a dict of per-layer-type masks; router losses must not read it as 2-D.
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig(**tiny_text_kwargs(output_router_logits=True))).eval()
+    input_ids = torch.randint(3, 96, (2, 6))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=4, do_sample=False)
+    static = model.generate(input_ids, cache_implementation="static", **kwargs)
+    dynamic = model.generate(input_ids, **kwargs)
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
+
+
 def _load_imbalance(model, batch) -> float:
     with torch.no_grad():
         logits = model(batch, output_router_logits=True).router_logits
