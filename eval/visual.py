@@ -280,7 +280,7 @@ def visual_heldout(
 
     prompts, images = [list(p) for p in dataset["prompt"]], [list(i) for i in dataset["images"]]
 
-    def score(image_lists, what: str) -> list[bool]:
+    def score(image_lists: list[list[Any]], what: str) -> tuple[list[bool], list[list[str]]]:
         outputs = generate_completions(
             model, processor, prompts, images=image_lists, max_new_tokens=max_new_tokens, batch_size=batch_size,
             progress=progress, desc=what,
@@ -295,6 +295,8 @@ def visual_heldout(
         "correct": [int(ok) for ok in correct],
     }
     for column, key in (("images_bucket", "accuracy_by_level"), ("kind", "accuracy_by_kind")):
+        if column not in dataset.column_names:  # a user's --dataset_name need not carry the generated task's columns
+            continue
         groups: dict[str, list[bool]] = {}
         for name, ok in zip(dataset[column], correct):
             groups.setdefault(str(name), []).append(ok)

@@ -73,7 +73,7 @@ def is_visual(args: Any) -> bool:
     return task == "visual"
 
 
-def visual_model_and_processor(model_args, task_args, training_args):
+def visual_model_and_processor(model_args: Any, task_args: Any, training_args: Any) -> tuple[Any, Any]:
     """The multimodal policy and its processor, after the recipes' run checks (`prepare_run`), seeded like
     `recipes.common.model_and_tokenizer`."""
     from .common import prepare_run
@@ -83,6 +83,9 @@ def visual_model_and_processor(model_args, task_args, training_args):
             raise InputError(f"--{flag} is for the text model; --task visual trains the multimodal model in full")
     if not 1 <= task_args.max_images <= MAX_IMAGES:
         raise InputError(f"--max_images {task_args.max_images}: choose 1 to {MAX_IMAGES} (Llama 4's maximum)")
+    unknown = sorted(set(task_args.visual_kinds) - set(KINDS))
+    if unknown or not task_args.visual_kinds:
+        raise InputError(f"--visual_kinds {unknown or '(none)'}: choose among {list(KINDS)}")
     prepare_run(model_args, task_args, training_args)
     set_seed(training_args.seed)
     overrides = parse_mapping(task_args.model_config_overrides, "--model_config_overrides")
@@ -119,7 +122,7 @@ def check_visual_rows(dataset: Dataset, max_images: int, what: str = "dataset") 
             )
 
 
-def check_single_tile(dataset: Dataset, processor) -> None:
+def check_single_tile(dataset: Dataset, processor: Any) -> None:
     """Online RL takes single-tile images only: TRL's GRPO slices `pixel_values` per image, but the processor cuts
     a larger image into several tiles (rows), and TRL finds Llama 4's tile counts only for other models."""
     size = processor.image_processor.size
@@ -143,7 +146,7 @@ def refuse_images_without_processor(dataset: Dataset, args: Any) -> None:
         )
 
 
-def visual_datasets(args, columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
+def visual_datasets(args: Any, columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
     """(train, held-out) visual rows: the generated task, or `--dataset_name` with `prompt`, `answer`, `images`."""
     if args.dataset_name:
         needed = ("prompt", "answer", "images", *columns)
@@ -161,9 +164,12 @@ def visual_datasets(args, columns: tuple[str, ...] = ()) -> tuple[Dataset, Datas
             test = test.select(range(min(args.heldout_problems, len(test))))
     else:
         kwargs = dict(seed=args.task_seed, max_images=args.max_images)
-        train = visual_problems("train", args.train_problems, kinds=args.visual_kinds, **kwargs)
-        # Every kind, whatever the stage trains on: the stages of a pipeline are compared on the same problems.
-        test = visual_problems("test", args.heldout_problems, **kwargs) if args.heldout_problems else None
+        try:
+            train = visual_problems("train", args.train_problems, kinds=args.visual_kinds, **kwargs)
+            # Every kind, whatever the stage trains on: the stages of a pipeline are compared on the same problems.
+            test = visual_problems("test", args.heldout_problems, **kwargs) if args.heldout_problems else None
+        except ValueError as error:  # too many problems for the distinct images, unknown kinds
+            raise InputError(f"--train_problems / --heldout_problems / --visual_kinds: {error}") from error
     check_visual_rows(train, args.max_images, "train")
     if test is not None:
         check_visual_rows(test, args.max_images, "held-out")
@@ -282,7 +288,7 @@ class EarlyFusionCollator:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def visual_online_rl_trainer():
+def visual_online_rl_trainer() -> type:
     """`recipes.rl.OnlineRLTrainer` for image prompts: the hard-prompt sampler, filter and curriculum unchanged."""
     from .rl import OnlineRLTrainer
 

@@ -188,3 +188,19 @@ def test_without_torchvision_the_visual_path_says_how_to_get_it(tmp_path):
 
     with pytest.raises(InputError, match="needs torchvision, which is not installed.*torch==2.14.1"):
         load_multimodal("hub_configs/tiny", from_scratch=True)
+
+
+def test_unknown_visual_kinds_are_refused_before_a_model_loads():
+    from types import SimpleNamespace
+
+    from eval.loading import InputError
+    from recipes.visual import visual_datasets, visual_model_and_processor
+
+    task_args = SimpleNamespace(max_images=8, visual_kinds=["colour", "shapes"], fp8=False, load_in_int4=False)
+    with pytest.raises(InputError, match=r"--visual_kinds \['shapes'\]"):
+        visual_model_and_processor(SimpleNamespace(), task_args, SimpleNamespace())
+    args = SimpleNamespace(
+        dataset_name=None, task_seed=0, max_images=8, visual_kinds=["shapes"], train_problems=4, heldout_problems=0
+    )
+    with pytest.raises(InputError, match="--visual_kinds"):
+        visual_datasets(args)
