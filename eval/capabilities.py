@@ -26,6 +26,7 @@ tasks use. See docs/capabilities.md.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 
 from .expr_lang import ExprError, evaluate, free_names
-from .grading import extract_boxed, math_answer_correct
+from .grading import canonical_integer, extract_boxed, math_answer_correct
 from .synthetic import FINAL_ANSWER, INSTRUCTION, LANGUAGES, LEVELS, SOLUTION_OPENER, _split_of, arithmetic_problems
 
 __all__ = [
@@ -594,8 +595,8 @@ def mixed_problems(
     unknown = sorted(set(shares) - set(CAPABILITIES))
     if unknown:
         raise ValueError(f"unknown capabilities {unknown} in shares; the capabilities are {list(CAPABILITIES)}")
-    if any(share < 0 for share in shares.values()) or sum(shares.values()) <= 0:
-        raise ValueError(f"shares must be non-negative and sum to more than 0, got {shares}")
+    if any(not math.isfinite(share) or share < 0 for share in shares.values()) or sum(shares.values()) <= 0:
+        raise ValueError(f"shares must be finite, non-negative and sum to more than 0, got {shares}")
     total = sum(shares.values())
     names = [name for name in CAPABILITIES if shares.get(name, 0) > 0]
     exact = {name: shares[name] / total * num_problems for name in names}
@@ -623,6 +624,8 @@ def heldout_mixture(
     """Held-out rows for evaluating after training on `capabilities`: equal parts of each one's test split, plus
     (with `instruction`) an equal part of instruction following under the held-out instruction pool, in that order
     (`capability_group` tells the parts apart)."""
+    if len(set(capabilities)) != len(capabilities):
+        raise ValueError(f"capabilities {list(capabilities)} name one more than once; each would be scored twice")
     groups = [*capabilities, *(["instruction_unseen"] if "instruction" in capabilities else [])]
     rows = []
     for index, group in enumerate(groups):
@@ -679,8 +682,10 @@ def _boxed_correct(text: str, answer: str) -> bool:
     if boxed is None:
         return False
     boxed, answer = boxed.strip().rstrip(".").strip(), answer.strip()
-    if re.fullmatch(r"-?\d+", answer):
-        return re.fullmatch(r"[-+]?\d+", boxed) is not None and int(boxed) == int(answer)
+    if re.fullmatch(r"-?[0-9]+", answer):
+        return re.fullmatch(r"[-+]?[0-9]+", boxed) is not None and canonical_integer(boxed) == canonical_integer(
+            answer
+        )
     return boxed.casefold() == answer.casefold()
 
 
