@@ -1,8 +1,9 @@
 """Verifiable capabilities for training and evaluation: math, reasoning, instruction following and coding.
 
 Each capability is a family of generated problems with its own checker, a train split and a held-out test split
-that share no question (decided by a stable hash of the question, as in `eval.synthetic`), and the same fixed
-seed always gives the same rows. Every row has the columns
+that share no problem (a stable hash decides: of the question for math, as in `eval.synthetic`; of the logical
+problem for reasoning and coding, so that no translated or reworded twin crosses), and the same fixed seed always
+gives the same rows. Every row has the columns
 
     prompt (chat messages), completion ([one assistant message], a reference answer for SFT), answer (str),
     capability, language, level (1-3, for the curriculum), constraint (JSON of the active constraint, "" when
@@ -346,7 +347,11 @@ def _reasoning_problem(rng: random.Random, language: str, level: int) -> dict:
     answer = [people[0], people[-1], people[1], people[-2]][which]
     question = " ".join([*facts, WHO[language].format(q=questions[which])])
     solution = f"{SOLUTION_OPENER[language]} {' > '.join(people)}. {FINAL_ANSWER[language].format(x=answer)}"
-    return _row(f"{question} {INSTRUCTION[language]}", solution, answer, "reasoning", language, level)
+    # The split key is the logical problem, whatever the language and the facts' phrasing and order: a translated
+    # or reworded twin of a test problem must not be in train.
+    order = ",".join(str(PEOPLE[language].index(person)) for person in people)
+    key = f"reasoning|{relation}|{order}|{which}"
+    return _row(f"{question} {INSTRUCTION[language]}", solution, answer, "reasoning", language, level), key
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,7 +468,15 @@ def _coding_problem(rng: random.Random, language: str, level: int) -> dict:
         program = f"({program}) {op} {a}" if _PRECEDENCE[op] > precedence else f"{program} {op} {a}"
         precedence = _PRECEDENCE[op]
     task = CODE_TASK[language].format(v=variables, steps=THEN[language].join(described))
-    return _row(task, PROGRAM_ANSWER[language].format(x=program), program, "coding", language, level)
+    row = _row(task, PROGRAM_ANSWER[language].format(x=program), program, "coding", language, level)
+    return row, f"coding|{canonical_program(program)}"
+
+
+def canonical_program(program: str) -> str:
+    """`program` with a single input renamed to `v`: the split key of a coding problem, which must not differ
+    between a test problem and its train twin in another language or with another input name."""
+    names = sorted(free_names(program))
+    return re.sub(rf"\b{names[0]}\b", "v", program, flags=re.ASCII) if len(names) == 1 else program
 
 
 def program_correct(candidate: str, reference: str) -> bool:
@@ -512,9 +525,9 @@ def _generated(generator, tag: str, split: str, num_problems: int, seed: int, le
         if attempts > 50 * num_problems + 1000:
             raise ValueError(f"cannot draw {num_problems} distinct {split} {tag} problems; ask for fewer")
         language, level = cells[len(rows) % len(cells)]
-        row = generator(rng, language, level)
+        row, key = generator(rng, language, level)
         question = row["prompt"][-1]["content"]
-        if question in seen or _split_of(question) != split:
+        if question in seen or _split_of(key) != split:
             continue
         seen.add(question)
         rows.append(row)

@@ -48,6 +48,35 @@ def test_rows_are_deterministic_and_splits_disjoint(capability):
     assert all(capability_score(_reply(r), r) == 1.0 for r in [*train, *test])
 
 
+def _logical_key(row: dict) -> str:
+    # Derived from the row's text alone, independently of the generator: what makes two problems the same
+    # whatever their language, the facts' wording and order (reasoning) or the input's name (coding).
+    from eval.capabilities import PEOPLE, RELATIONS
+    from eval.synthetic import SOLUTION_OPENER
+
+    language, solution = row["language"], row["completion"][-1]["content"]
+    if row["capability"] == "coding":
+        (name, *more) = sorted(set(re.findall(r"\b[a-z]\b", row["answer"])))
+        return "coding|" + (re.sub(rf"\b{name}\b", "v", row["answer"]) if not more else row["answer"])
+    people = solution[len(SOLUTION_OPENER[language]) :].strip().split(". ")[0].split(" > ")
+    question = _question(row)
+    (relation,) = [
+        r for r, ((more, less), _) in RELATIONS[language].items() if f" {more} " in question or f" {less} " in question
+    ]
+    order = [PEOPLE[language].index(p) for p in people]
+    return f"reasoning|{relation}|{order}|{people.index(row['answer'])}"
+
+
+def test_no_logical_problem_is_in_both_splits():
+    # A test problem reworded, reordered, translated or with its input renamed is still the same problem.
+    keys = {}
+    for split, count in (("train", 800), ("test", 200)):
+        rows = [r for c in ("reasoning", "coding") for r in capability_problems(c, split, count)]
+        keys[split] = {_logical_key(r) for r in rows}
+        assert len(keys[split]) > count // 2
+    assert not keys["train"] & keys["test"]
+
+
 def test_math_rows_are_the_arithmetic_rows():
     rows = capability_problems("math", "train", 50, seed=3, levels=[1, 2], languages=["de", "en"])
     reference = arithmetic_problems("train", 50, seed=3, levels=[1, 2], languages=["de", "en"])
