@@ -1,8 +1,9 @@
 """Verifiable capabilities for training and evaluation: math, reasoning, instruction following and coding.
 
 Each capability is a family of generated problems with its own checker, a train split and a held-out test split
-that share no question (decided by a stable hash of the question, as in `eval.synthetic`), and the same fixed
-seed always gives the same rows. Every row has the columns
+that share no problem (a stable hash decides: of the question for math, as in `eval.synthetic`; of the logical
+problem for reasoning and coding, so that no translated or reworded twin crosses), and the same fixed seed always
+gives the same rows. Every row has the columns
 
     prompt (chat messages), completion ([one assistant message], a reference answer for SFT), answer (str),
     capability, language, level (1-3, for the curriculum), constraint (JSON of the active constraint, "" when
@@ -26,6 +27,7 @@ tasks use. See docs/capabilities.md.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 
 from .expr_lang import ExprError, evaluate, free_names
-from .grading import extract_boxed, math_answer_correct
+from .grading import canonical_integer, extract_boxed, math_answer_correct
 from .synthetic import FINAL_ANSWER, INSTRUCTION, LANGUAGES, LEVELS, SOLUTION_OPENER, _split_of, arithmetic_problems
 
 __all__ = [
@@ -345,7 +347,11 @@ def _reasoning_problem(rng: random.Random, language: str, level: int) -> dict:
     answer = [people[0], people[-1], people[1], people[-2]][which]
     question = " ".join([*facts, WHO[language].format(q=questions[which])])
     solution = f"{SOLUTION_OPENER[language]} {' > '.join(people)}. {FINAL_ANSWER[language].format(x=answer)}"
-    return _row(f"{question} {INSTRUCTION[language]}", solution, answer, "reasoning", language, level)
+    # The split key is the logical problem, whatever the language and the facts' phrasing and order: a translated
+    # or reworded twin of a test problem must not be in train.
+    order = ",".join(str(PEOPLE[language].index(person)) for person in people)
+    key = f"reasoning|{relation}|{order}|{which}"
+    return _row(f"{question} {INSTRUCTION[language]}", solution, answer, "reasoning", language, level), key
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,7 +468,15 @@ def _coding_problem(rng: random.Random, language: str, level: int) -> dict:
         program = f"({program}) {op} {a}" if _PRECEDENCE[op] > precedence else f"{program} {op} {a}"
         precedence = _PRECEDENCE[op]
     task = CODE_TASK[language].format(v=variables, steps=THEN[language].join(described))
-    return _row(task, PROGRAM_ANSWER[language].format(x=program), program, "coding", language, level)
+    row = _row(task, PROGRAM_ANSWER[language].format(x=program), program, "coding", language, level)
+    return row, f"coding|{canonical_program(program)}"
+
+
+def canonical_program(program: str) -> str:
+    """`program` with a single input renamed to `v`: the split key of a coding problem, which must not differ
+    between a test problem and its train twin in another language or with another input name."""
+    names = sorted(free_names(program))
+    return re.sub(rf"\b{names[0]}\b", "v", program, flags=re.ASCII) if len(names) == 1 else program
 
 
 def program_correct(candidate: str, reference: str) -> bool:
@@ -511,9 +525,9 @@ def _generated(generator, tag: str, split: str, num_problems: int, seed: int, le
         if attempts > 50 * num_problems + 1000:
             raise ValueError(f"cannot draw {num_problems} distinct {split} {tag} problems; ask for fewer")
         language, level = cells[len(rows) % len(cells)]
-        row = generator(rng, language, level)
+        row, key = generator(rng, language, level)
         question = row["prompt"][-1]["content"]
-        if question in seen or _split_of(question) != split:
+        if question in seen or _split_of(key) != split:
             continue
         seen.add(question)
         rows.append(row)
@@ -594,8 +608,8 @@ def mixed_problems(
     unknown = sorted(set(shares) - set(CAPABILITIES))
     if unknown:
         raise ValueError(f"unknown capabilities {unknown} in shares; the capabilities are {list(CAPABILITIES)}")
-    if any(share < 0 for share in shares.values()) or sum(shares.values()) <= 0:
-        raise ValueError(f"shares must be non-negative and sum to more than 0, got {shares}")
+    if any(not math.isfinite(share) or share < 0 for share in shares.values()) or sum(shares.values()) <= 0:
+        raise ValueError(f"shares must be finite, non-negative and sum to more than 0, got {shares}")
     total = sum(shares.values())
     names = [name for name in CAPABILITIES if shares.get(name, 0) > 0]
     exact = {name: shares[name] / total * num_problems for name in names}
@@ -623,6 +637,8 @@ def heldout_mixture(
     """Held-out rows for evaluating after training on `capabilities`: equal parts of each one's test split, plus
     (with `instruction`) an equal part of instruction following under the held-out instruction pool, in that order
     (`capability_group` tells the parts apart)."""
+    if len(set(capabilities)) != len(capabilities):
+        raise ValueError(f"capabilities {list(capabilities)} name one more than once; each would be scored twice")
     groups = [*capabilities, *(["instruction_unseen"] if "instruction" in capabilities else [])]
     rows = []
     for index, group in enumerate(groups):
@@ -679,8 +695,10 @@ def _boxed_correct(text: str, answer: str) -> bool:
     if boxed is None:
         return False
     boxed, answer = boxed.strip().rstrip(".").strip(), answer.strip()
-    if re.fullmatch(r"-?\d+", answer):
-        return re.fullmatch(r"[-+]?\d+", boxed) is not None and int(boxed) == int(answer)
+    if re.fullmatch(r"-?[0-9]+", answer):
+        return re.fullmatch(r"[-+]?[0-9]+", boxed) is not None and canonical_integer(boxed) == canonical_integer(
+            answer
+        )
     return boxed.casefold() == answer.casefold()
 
 

@@ -45,7 +45,9 @@ class ExprError(ValueError):
 # Tokens
 # ---------------------------------------------------------------------------------------------------------------
 
-_TOKEN_RE = re.compile(r"\s*(?:(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|//|[-+*%(),=]))")
+# ASCII only: `\d` and `str.isspace` would also take other scripts' digits ("٤") and spaces (U+3000, U+2028).
+_TOKEN_RE = re.compile(r"(?:([0-9]+)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|//|[-+*%(),=]))", re.ASCII)
+_WHITESPACE = " \t\n\r"
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def _tokenize(source: str) -> list[_Token]:
     tokens: list[_Token] = []
     position = 0
     while True:
-        while position < len(source) and source[position].isspace():
+        while position < len(source) and source[position] in _WHITESPACE:
             position += 1
         if position == len(source):
             tokens.append(_Token("end", "", position))
@@ -93,6 +95,10 @@ def _bad_character(source: str, position: int, tokens: list[_Token]) -> str:
         return f"string literal {where} is not allowed"
     if char == "/":
         return f"true division ('/') {where} is not allowed: use '//' (floor division)"
+    if char.isdigit():
+        return f"non-ASCII digit {char!r} {where} is not allowed: use the digits 0-9"
+    if char.isspace():
+        return f"whitespace {char!r} {where} is not allowed: use spaces, tabs or newlines"
     return f"character {char!r} {where} is not part of the language"
 
 

@@ -132,7 +132,7 @@ def _latex_wrapped(answer: str) -> str:
     return f"${stripped}$"
 
 
-_INTEGER_RE = re.compile(r"[-+]?\d+")
+_INTEGER_RE = re.compile(r"[-+]?[0-9]+")
 
 
 def _integer_answer_verdict(prediction: str, gold: str) -> bool | None:
@@ -149,7 +149,17 @@ def _integer_answer_verdict(prediction: str, gold: str) -> bool | None:
     boxed = extract_boxed(prediction)
     if boxed is None or not _INTEGER_RE.fullmatch(boxed):
         return None
-    return int(boxed) == int(gold)
+    return canonical_integer(boxed) == canonical_integer(gold)
+
+
+def canonical_integer(text: str) -> str:
+    """`text` (an optionally signed run of ASCII digits) as the shortest string with its value: no "+", no
+    leading zeros, no "-0". Compared instead of `int()`, which refuses more than 4300 digits (a model can box
+    that many) and costs quadratic time on long ones."""
+    text = text.strip()
+    sign, digits = ("-", text[1:]) if text[:1] == "-" else ("", text.lstrip("+"))
+    digits = digits.lstrip("0") or "0"
+    return "0" if digits == "0" else sign + digits
 
 
 def _parse_and_verify(prediction: str, gold: str) -> bool:

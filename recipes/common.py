@@ -4,6 +4,7 @@ training with crash-safe resume and a one-commit Hub push."""
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import re
 from collections import defaultdict
@@ -136,17 +137,27 @@ def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[D
 
 
 def mixture_shares(args: TaskArguments) -> dict[str, float]:
-    """--capabilities with their --capability_shares (equal where none is given), checked."""
+    """--capabilities with their --capability_shares (equal where none is given), checked (with
+    --capability_system_fraction, so that a bad value is refused before a model loads)."""
+    fraction = getattr(args, "capability_system_fraction", 0.25)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise InputError(f"--capability_system_fraction must be a number from 0 to 1, got {fraction!r}")
     unknown = sorted(set(args.capabilities or ()) - set(CAPABILITIES))
     if unknown:
         raise InputError(f"--capabilities: no capability {unknown}; choose from {list(CAPABILITIES)}")
+    repeated = sorted({name for name in args.capabilities or () if list(args.capabilities).count(name) > 1})
+    if repeated:
+        raise InputError(f"--capabilities names {repeated} more than once; name each capability once")
     given = parse_mapping(args.capability_shares, "--capability_shares")
     extra = sorted(set(given) - set(args.capabilities or ()))
     if extra:
         raise InputError(f"--capability_shares names {extra}, which --capabilities {args.capabilities} lacks")
     shares = {name: given.get(name, 1.0) for name in args.capabilities}
-    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in shares.values()):
-        raise InputError(f"--capability_shares: shares are non-negative numbers, got {given}")
+    if any(
+        not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0
+        for v in shares.values()
+    ):
+        raise InputError(f"--capability_shares: shares are finite non-negative numbers, got {given}")
     if sum(shares.values()) <= 0:
         raise InputError(f"--capability_shares: at least one share must be above 0, got {given}")
     return shares
@@ -223,7 +234,14 @@ def model_and_tokenizer(model_args, task_args: TaskArguments, training_args):
 
 
 def _completion_text(completion: str | list[dict]) -> str:
-    return completion if isinstance(completion, str) else completion[-1]["content"]
+    # Anything but a string or a non-empty message list (None, [], a malformed message) is graded as an empty
+    # reply (scored 0) rather than raised: one bad completion must not end an RL run.
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content")
+        return content if isinstance(content, str) else ""
+    return ""
 
 
 def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
@@ -255,8 +273,13 @@ def capability_reward(
     them)."""
     n = len(completions)
     capability, constraint = capability or ["math"] * n, constraint or [""] * n
+    if not len(answer) == len(capability) == len(constraint) == n:
+        raise ValueError(
+            f"capability_reward: {n} completions but {len(answer)} answers, {len(capability)} capabilities and "
+            f"{len(constraint)} constraints; pass one of each per completion"
+        )
     rows = [{"answer": a, "capability": c, "constraint": k} for a, c, k in zip(answer, capability, constraint)]
-    return [capability_score(_completion_text(c), row) for c, row in zip(completions, rows)]
+    return [capability_score(_completion_text(c), row) for c, row in zip(completions, rows, strict=True)]
 
 
 def dataset_pass_rates(samples: list[list[str]], dataset: Dataset) -> list[float]:

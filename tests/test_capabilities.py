@@ -48,6 +48,35 @@ def test_rows_are_deterministic_and_splits_disjoint(capability):
     assert all(capability_score(_reply(r), r) == 1.0 for r in [*train, *test])
 
 
+def _logical_key(row: dict) -> str:
+    # Derived from the row's text alone, independently of the generator: what makes two problems the same
+    # whatever their language, the facts' wording and order (reasoning) or the input's name (coding).
+    from eval.capabilities import PEOPLE, RELATIONS
+    from eval.synthetic import SOLUTION_OPENER
+
+    language, solution = row["language"], row["completion"][-1]["content"]
+    if row["capability"] == "coding":
+        (name, *more) = sorted(set(re.findall(r"\b[a-z]\b", row["answer"])))
+        return "coding|" + (re.sub(rf"\b{name}\b", "v", row["answer"]) if not more else row["answer"])
+    people = solution[len(SOLUTION_OPENER[language]) :].strip().split(". ")[0].split(" > ")
+    question = _question(row)
+    (relation,) = [
+        r for r, ((more, less), _) in RELATIONS[language].items() if f" {more} " in question or f" {less} " in question
+    ]
+    order = [PEOPLE[language].index(p) for p in people]
+    return f"reasoning|{relation}|{order}|{people.index(row['answer'])}"
+
+
+def test_no_logical_problem_is_in_both_splits():
+    # A test problem reworded, reordered, translated or with its input renamed is still the same problem.
+    keys = {}
+    for split, count in (("train", 800), ("test", 200)):
+        rows = [r for c in ("reasoning", "coding") for r in capability_problems(c, split, count)]
+        keys[split] = {_logical_key(r) for r in rows}
+        assert len(keys[split]) > count // 2
+    assert not keys["train"] & keys["test"]
+
+
 def test_math_rows_are_the_arithmetic_rows():
     rows = capability_problems("math", "train", 50, seed=3, levels=[1, 2], languages=["de", "en"])
     reference = arithmetic_problems("train", 50, seed=3, levels=[1, 2], languages=["de", "en"])
@@ -362,6 +391,8 @@ def test_metric_module_scores_like_the_checker(tmp_path, monkeypatch):
         == {"accuracy": sum(capability_score(o, r) for o, r in zip(outputs, rows)) / len(rows)}
         == {"accuracy": 0.5}
     )
+    with pytest.raises(ValueError, match="6 capabilities"):
+        metric.compute(predictions=outputs, references=[r["answer"] for r in rows], capabilities=["coding"] * 6)
 
 
 def test_capability_reward_is_the_checker_on_trl_columns():
@@ -408,7 +439,8 @@ def test_task_datasets_with_capabilities():
     assert all(capability_score(_reply(r), r) == 1.0 for r in sft_train)
     rates = dataset_pass_rates([[_reply(r), "\\boxed{-1}"] for r in test], test)
     assert rates == [0.5] * len(test)
-    # Without --capabilities: the arithmetic task, unchanged, and the judge filter's grading as before.
+    # Without --capabilities the main job's data and grading must stay the plain arithmetic task's: the same rows,
+    # and the judge filter's math-verify pass rates.
     from eval.grading import math_answer_correct
     from recipes.judge import pass_rates
 
@@ -422,6 +454,63 @@ def test_task_datasets_with_capabilities():
         mixture_shares(TaskArguments(capabilities=["math"], capability_shares={"coding": 1}))
     with pytest.raises(InputError, match="non-negative numbers"):
         mixture_shares(TaskArguments(capabilities=["math"], capability_shares={"math": "a lot"}))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"capability_shares": {"math": float("nan")}}, "finite non-negative"),
+        ({"capability_shares": {"math": float("inf"), "coding": 1}}, "finite non-negative"),
+        ({"capabilities": ["math", "math"]}, "names \\['math'\\] more than once"),
+        ({"capability_system_fraction": 2.0}, "--capability_system_fraction must be a number from 0 to 1, got 2.0"),
+        ({"capability_system_fraction": float("nan")}, "--capability_system_fraction must be a number from 0 to 1"),
+    ],
+)
+def test_bad_capability_arguments_are_refused_before_loading(overrides, message):
+    from recipes.common import TaskArguments, mixture_shares, prepare_run
+    from recipes.validation import InputError
+
+    args = TaskArguments(**{"capabilities": ["math", "coding"], **overrides})
+    with pytest.raises(InputError, match=message):
+        mixture_shares(args)
+    # prepare_run (the recipes' checks before a model is built) refuses it too, ahead of the run manifest.
+    with pytest.raises(InputError, match=message):
+        prepare_run(None, args, None)
+
+
+def test_library_refuses_non_finite_shares_and_repeated_capabilities():
+    from eval.capabilities import heldout_mixture
+
+    for shares in ({"math": float("nan")}, {"math": 1.0, "coding": float("inf")}):
+        with pytest.raises(ValueError, match="finite"):
+            mixed_problems(shares, "train", 10)
+    with pytest.raises(ValueError, match="more than once"):
+        heldout_mixture(["math", "math"], 10)
+
+
+def test_huge_boxed_integer_scores_zero_without_raising():
+    huge = "9" * 5000  # int() refuses more than 4300 digits
+    assert capability_score(f"\\boxed{{{huge}}}", _row("reasoning", "12")) == 0.0
+    assert capability_score(f"\\boxed{{+000{huge}}}", _row("instruction", huge)) == 1.0
+    assert capability_score(f"\\boxed{{{huge}}}", _row("math", "12")) == 0.0
+
+
+def test_capability_reward_scores_malformed_completions_zero():
+    from recipes.common import capability_reward
+
+    bad = [None, [], [{"role": "assistant"}], [{"role": "assistant", "content": None}], 5, ["text"]]
+    assert capability_reward(bad, answer=["12"] * len(bad)) == [0.0] * len(bad)
+    good = [[{"role": "assistant", "content": "\\boxed{12}"}]]
+    assert capability_reward(good, answer=["12"], capability=["reasoning"]) == [1.0]
+
+
+def test_column_lengths_must_match():
+    from recipes.common import capability_reward
+
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        capability_reward(["\\boxed{1}", "\\boxed{2}"], answer=["1"])
+    with pytest.raises(ValueError, match="2 capabilities"):
+        capability_reward(["\\boxed{1}"], answer=["1"], capability=["math", "math"])
 
 
 def test_heldout_accuracy_per_capability(monkeypatch):

@@ -145,6 +145,21 @@ def test_integer_fast_path_answers_the_synthetic_task_shape():
     assert grading._integer_answer_verdict("\\boxed{1.5}", "1.5") is None
 
 
+@settings(max_examples=200, deadline=None)
+@given(value=st.integers(-(10**30), 10**30), zeros=st.integers(0, 3), plus=st.booleans())
+def test_canonical_integer_equals_exactly_when_int_does(value, zeros, plus):
+    text = ("-" if value < 0 else "+" if plus else "") + "0" * zeros + str(abs(value))
+    assert grading.canonical_integer(text) == str(value)
+
+
+def test_huge_boxed_integer_is_graded_not_raised():
+    # int() refuses strings above 4300 digits; a model can box that many, and one crash would end an RL run.
+    huge = "7" * 5000
+    assert math_answer_correct(f"The answer is \\boxed{{{huge}}}.", "15") is False
+    assert math_answer_correct(f"The answer is \\boxed{{00{huge}}}.", huge) is True
+    assert grading._integer_answer_verdict(f"\\boxed{{-{huge}}}", huge) is False
+
+
 def test_math_answer_correct_off_the_main_thread():
     # No SIGALRM outside the main thread: grading falls back to a child process and still works.
     results = []

@@ -184,3 +184,22 @@ def test_inputs_are_checked():
 
 def test_error_is_a_value_error():
     assert issubclass(ExprError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ("\uff13 + 1", "non-ASCII digit"),  # fullwidth 3
+        ("3 + \u0664", "non-ASCII digit"),  # Arabic-Indic 4
+        ("1\u3000+ 1", "whitespace '.u3000'"),  # ideographic space
+        ("1 +\u20281", "whitespace '.u2028'"),  # line separator
+        ("1\x0b+ 1", "whitespace '.x0b'"),  # vertical tab: ASCII, but not one of the allowed spaces
+    ],
+)
+def test_only_ascii_digits_and_plain_whitespace(source, reason):
+    with pytest.raises(ExprError, match=reason):
+        evaluate(source)
+
+
+def test_plain_whitespace_is_accepted():
+    assert evaluate(" 1\t+\n2\r\n") == 3

@@ -57,11 +57,18 @@ class CapabilityAccuracy(evaluate.Metric):
         samples = [p if isinstance(p, list) else [p] for p in predictions]
         capabilities = capabilities or ["math"] * len(samples)
         constraints = constraints or [""] * len(samples)
+        if not len(references) == len(capabilities) == len(constraints) == len(samples):
+            raise ValueError(
+                f"capability_accuracy: {len(samples)} predictions but {len(references)} references, "
+                f"{len(capabilities)} capabilities and {len(constraints)} constraints; pass one of each per prediction"
+            )
         rows = [
             {"answer": gold, "capability": capability, "constraint": constraint}
             for gold, capability, constraint in zip(references, capabilities, constraints)
         ]
-        correct = [[bool(capability_score(s, row)) for s in outputs] for outputs, row in zip(samples, rows)]
+        correct = [
+            [bool(capability_score(s, row)) for s in outputs] for outputs, row in zip(samples, rows, strict=True)
+        ]
         keys = [[extract_boxed(s) for s in outputs] for outputs in samples]
         ks = [k] if isinstance(k, int) else list(k or [1, min(len(outputs) for outputs in samples)])
         return aggregate_scores(correct, keys, ks)
