@@ -501,7 +501,14 @@ class OnlineRLTrainer(GRPOTrainer):
         result = []
         for row, pick, give in zip(rows, picks, given.tolist()):
             if not give:
-                result.append(row)
+                # TRL builds the reward kwargs from the first row's keys: every row needs the same columns.
+                result.append(
+                    {
+                        **row,
+                        "constraint": row.get("constraint", ""),
+                        "system_instruction": row.get("system_instruction", ""),
+                    }
+                )
                 continue
             instruction = self._instructions[pick]
             if instruction.id in self._heldout_instruction_ids:  # never: the pools are disjoint, checked at start

@@ -294,6 +294,16 @@ def test_fixed_instruction_is_always_the_same_and_a_share_leaves_the_rest_bare(t
     assert all("completion" not in row for row in half._draw_prompts(4))  # no reference answer sneaks in
 
 
+def test_bare_rows_get_the_instruction_columns_when_the_dataset_lacks_them(tmp_path):
+    # TRL takes the reward kwargs from the first row's keys: a bare row without them would drop every constraint.
+    dataset = fake_pool({"math": 40, "reasoning": 40}).remove_columns(["constraint", "system_instruction"])
+    half = Sampler(dataset, tmp_path, system_instructions="sampled", system_instruction_share=0.5)
+    rows = [row for _ in range(20) for row in half._draw_prompts(4)]
+    assert {frozenset(row) for row in rows} == {frozenset(rows[0])}
+    bare = [row for row in rows if row["prompt"][0]["role"] == "user"]
+    assert bare and all(row["constraint"] == "" and row["system_instruction"] == "" for row in bare)
+
+
 def test_held_out_instructions_are_refused_in_training(tmp_path):
     from eval.loading import InputError
 
