@@ -52,19 +52,21 @@ class OnlineRLScriptArguments(VisualArguments, MetaPArguments, TaskArguments):
     )
 
 
-def check_rewards(script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig) -> None:
+def check_rewards(script_args: Any, training_args: Any) -> None:
     """`accuracy_reward` grades arithmetic only: neither other capabilities' answers nor a system instruction's
-    constraint. Refuse the pairings that would train on a silently wrong reward, before a model loads."""
-    math_only = "accuracy_reward" in script_args.reward_funcs or training_args.pass_rate_reward == "accuracy_reward"
-    if math_only and (script_args.capabilities or training_args.system_instructions != "none"):
-        flag = (
-            "--capabilities"
-            if script_args.capabilities
-            else f"--system_instructions {training_args.system_instructions}"
-        )
+    constraint. Refuse the pairings that would train on a silently wrong reward, before a model loads. Also used
+    by the DPO recipe, whose config has no `pass_rate_reward` or `system_instructions`."""
+    pass_rate_reward = getattr(training_args, "pass_rate_reward", None)
+    system_instructions = getattr(training_args, "system_instructions", "none")
+    math_only = "accuracy_reward" in script_args.reward_funcs or pass_rate_reward == "accuracy_reward"
+    if math_only and (script_args.capabilities or system_instructions != "none"):
+        flag = "--capabilities" if script_args.capabilities else f"--system_instructions {system_instructions}"
+        fix = "--reward_funcs capability_reward"
+        if pass_rate_reward is not None:
+            fix += " --pass_rate_reward capability_reward"
         raise InputError(
             f"{flag}: accuracy_reward checks arithmetic answers only (not the other capabilities or an instruction's "
-            "constraint); use --reward_funcs capability_reward --pass_rate_reward capability_reward"
+            f"constraint); use {fix}"
         )
 
 
