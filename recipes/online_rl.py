@@ -70,9 +70,28 @@ def check_rewards(script_args: Any, training_args: Any) -> None:
         )
 
 
+def check_visual(script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig) -> None:
+    """The strategies the image task does not support: the refilter generates without images, its reward checks
+    no constraint and it has one capability. Refused before a model loads rather than silently wrong."""
+    if not is_visual(script_args):
+        return
+    reasons = {
+        "--refilter_steps": (training_args.refilter_steps, "the re-scoring generates from text prompts only"),
+        "--system_instructions": (
+            training_args.system_instructions != "none",
+            "visual_accuracy_reward does not check an instruction's constraint",
+        ),
+        "--capabilities": (script_args.capabilities, "the image task is its own single capability"),
+    }
+    for flag, (given, why) in reasons.items():
+        if given:
+            raise InputError(f"{flag} is not supported with --task visual ({why}); leave it unset for that task")
+
+
 def main(
     script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
+    check_visual(script_args, training_args)
     check_rewards(script_args, training_args)
     rewards = [reward_function(name) for name in script_args.reward_funcs]
     with_metap_overrides(script_args)

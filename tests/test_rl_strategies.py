@@ -177,6 +177,25 @@ def test_online_rl_refuses_the_math_only_reward_for_capabilities_or_system_instr
     )
 
 
+@pytest.mark.parametrize(
+    ("flag", "script", "training"),
+    [
+        ("--refilter_steps", {}, {"refilter_steps": 2}),
+        ("--system_instructions", {}, {"system_instructions": "sampled"}),
+        ("--capabilities", {"capabilities": ["math"]}, {}),
+    ],
+)
+def test_visual_task_refuses_the_text_only_strategies(tmp_path, flag, script, training):
+    from eval.loading import InputError
+    from recipes.online_rl import OnlineRLScriptArguments, check_visual
+
+    config = OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **training)
+    check_visual(OnlineRLScriptArguments(**script), config)  # the text task takes them
+    with pytest.raises(InputError, match=f"^{flag} is not supported with --task visual"):
+        check_visual(OnlineRLScriptArguments(task="visual", **script), config)
+    check_visual(OnlineRLScriptArguments(task="visual"), OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Continuous filtering
 # ---------------------------------------------------------------------------------------------------------------
