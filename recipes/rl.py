@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -152,8 +153,10 @@ class OnlineRLConfig(GRPOConfig):
                 raise InputError(f"--{name} {getattr(self, name)!r}: choose one of {list(allowed)}")
         self.mixture_shares = parse_mapping(self.mixture_shares, "--mixture_shares") or None
         for name, value in (self.mixture_shares or {}).items():
-            if not isinstance(value, (int, float)) or value < 0:
-                raise InputError(f"--mixture_shares: the share of {name!r} must be a number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InputError(
+                    f"--mixture_shares: the share of {name!r} must be a finite number >= 0, got {value!r}"
+                )
         if self.mixture_shares is not None and sum(self.mixture_shares.values()) <= 0:
             raise InputError("--mixture_shares: the shares sum to 0; give at least one capability a positive share")
         if not 0 <= self.mixture_floor <= 1 or not 0 <= self.system_instruction_share <= 1:

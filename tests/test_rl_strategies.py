@@ -149,6 +149,9 @@ def test_mixture_arguments_are_checked(tmp_path):
         OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", mixture_rule="adaptive")
     with pytest.raises(InputError, match=">= 0"):
         OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", mixture_shares="{math: -1}")
+    for bad in ("{math: .nan, coding: 1}", "{math: .inf}", {"math": float("nan")}):  # NaN would reach multinomial
+        with pytest.raises(InputError, match="finite number >= 0"):
+            OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", mixture_shares=bad)
     with pytest.raises(InputError, match="lacks"):
         Sampler(fake_pool({"math": 4}), tmp_path, mixture_shares={"chemistry": 1.0})
     with pytest.raises(InputError, match="min <= max"):
