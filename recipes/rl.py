@@ -460,7 +460,7 @@ class OnlineRLTrainer(GRPOTrainer):
         its unlocked levels an equal part of it."""
         weights = self.prompt_weights()
         if self.args.refilter_steps:
-            weights = weights * self.prompt_pool.in_pool
+            weights = self._pool_weights(weights)
         balance = self._difficulty is not None and self.args.balance_difficulty
         if balance and (self._capability is not None or self.args.refilter_steps):
             levels = torch.unique(self._difficulty, return_inverse=True)[1]
@@ -476,6 +476,19 @@ class OnlineRLTrainer(GRPOTrainer):
                 "no prompt of a capability with a positive --mixture_shares entry can be drawn (curriculum or filter)"
             )
         return normalize_groups(weights, self._capability, shares / shares.sum())
+
+    def _pool_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """`weights` on the filtered pool. A capability (no capability column: all prompts) whose drawable prompts
+        (curriculum-unlocked) are all filtered out keeps its unfiltered weights: the pool update guards whole
+        capabilities, not the levels the curriculum has unlocked so far. Logged as `refilter/unfiltered_fallbacks`."""
+        pooled = weights * self.prompt_pool.in_pool
+        groups = self._capability if self._capability is not None else torch.zeros(len(weights), dtype=torch.long)
+        count = int(groups.max()) + 1
+        before = torch.zeros(count, dtype=weights.dtype).index_add_(0, groups, weights)
+        after = torch.zeros(count, dtype=weights.dtype).index_add_(0, groups, pooled)
+        empty = (before > 0) & (after <= 0)
+        self._metrics["train"]["refilter/unfiltered_fallbacks"].append(float(empty.sum()))
+        return torch.where(empty[groups], weights, pooled)
 
     def _draw_prompts(self, num_groups: int) -> list[dict[str, Any]]:
         """`num_groups` prompts (each repeated `num_generations` times), distinct within the draw. Seeded by the

@@ -246,6 +246,29 @@ def test_refilter_scores_a_seeded_sample_and_never_empties_a_capability(tmp_path
     assert (everything.prompt_pool.pass_rates[math] == 1.0).all()
 
 
+@pytest.mark.parametrize("column", ["capability", None])
+def test_a_capability_whose_unlocked_levels_are_all_filtered_out_falls_back_to_its_unfiltered_weights(
+    tmp_path, column
+):
+    # The pool keeps levels 2-3 only while the curriculum (step 0) unlocks level 1: nothing would be drawable.
+    dataset = fake_pool({"math": 12, "coding": 12})
+    sampler = Sampler(dataset, tmp_path, curriculum_column="level", mixture_column=column, refilter_steps=5)
+    levels = torch.tensor(dataset["level"])
+    sampler.prompt_pool.in_pool = levels != 1
+    sampler.prompt_pool.in_pool[0] = column is None  # with one group, a math level-1 prompt keeps it drawable
+    weights = sampler.draw_weights()
+    assert (weights[levels != 1] == 0).all()
+    if column is None:  # the pooled group still has a drawable prompt: the filter holds
+        assert weights.nonzero().flatten().tolist() == [0]
+    else:  # math and coding each fall back to their level-1 prompts
+        assert (weights[levels == 1] > 0).all()
+        assert sampler._metrics["train"]["refilter/unfiltered_fallbacks"] == [2.0]
+    sampler.prompt_pool.in_pool = levels != 1
+    assert (sampler.draw_weights()[levels == 1] > 0).all()
+    rows = sampler._draw_prompts(2)
+    assert {row["level"] for row in rows} == {1}
+
+
 def test_pool_and_draws_survive_a_save_and_resume(tmp_path):
     dataset = fake_pool({"math": 20, "reasoning": 20})
     rates = [[0.0, 0.5, 1.0][k % 3] for k in range(40)]
