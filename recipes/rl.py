@@ -43,7 +43,9 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
+from torch.distributed.tensor import DTensor
 from transformers import DynamicCache, StaticCache, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
@@ -799,12 +801,18 @@ class OnlineRLTrainer(GRPOTrainer):
 
     def _can_share_prompts(self, model, generation: bool = False) -> bool:
         """Our text model called directly (its backbone takes a cache). A DDP wrapper must see one forward per
-        backward, and checkpointed layers drop the cache (generation runs without either); multimodal models keep
-        TRL's path."""
+        backward, and checkpointed layers drop the cache (generation runs without either); multimodal models,
+        prompt-learning adapters and sharded LM heads (ZeRO-3, FSDP2) keep TRL's path."""
         if not generation and (model is not self.accelerator.unwrap_model(model) or self.args.gradient_checkpointing):
             return False
+        if is_peft_model(model) and model.peft_config[model.active_adapter].is_prompt_learning:
+            return False  # virtual tokens are prepended inside PEFT's forward: the backbone call here would skip them
         base = model.get_base_model() if is_peft_model(model) else model
-        return isinstance(base, modeling_llama4.Llama4ForCausalLM)
+        if not isinstance(base, modeling_llama4.Llama4ForCausalLM):
+            return False
+        # ZeRO-3 leaves each process an empty partition of lm_head.weight and FSDP2 a DTensor shard: the kernel
+        # here reads the weight directly, TRL's path gathers it.
+        return not is_deepspeed_zero3_enabled() and not isinstance(base.get_output_embeddings().weight, DTensor)
 
     def _completion_logps(
         self,
