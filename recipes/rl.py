@@ -27,7 +27,9 @@
 
 The trainer draws the prompts itself when it generates (the dataloader only paces the steps), so the draw always
 sees the latest pass rates and a resumed run draws exactly what an uninterrupted one would: the pass-rate table,
-draw counter and prompt pool are saved in every checkpoint.
+draw counter and prompt pool are saved in every checkpoint, and a `save_steps` that would checkpoint inside a
+generation cycle (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps) is refused, since TRL
+regenerates on resume. Fractional `save_steps` and `save_strategy: epoch` are not checked.
 """
 
 from __future__ import annotations
@@ -172,6 +174,21 @@ class OnlineRLConfig(GRPOConfig):
             )
         if self.system_instructions != "fixed" and self.system_instruction_id:
             raise InputError("--system_instruction_id is used only with --system_instructions fixed")
+        # TRL regenerates on resume (its buffer is not checkpointed) and counts generation cycles from there: a
+        # checkpoint inside a cycle would shift every later draw against an uninterrupted run.
+        cycle = self.steps_per_generation * self.num_iterations  # micro-batches per generation
+        strategy = getattr(self.save_strategy, "value", self.save_strategy)
+        if (
+            strategy == "steps"
+            and self.save_steps >= 1
+            and (self.save_steps * self.gradient_accumulation_steps) % cycle
+        ):
+            raise InputError(
+                f"--save_steps {self.save_steps}: a checkpoint must fall at the end of a generation cycle "
+                f"(steps_per_generation {self.steps_per_generation} x num_iterations {self.num_iterations} = {cycle} "
+                f"micro-batches; gradient_accumulation_steps {self.gradient_accumulation_steps} per step) or a "
+                "resumed run draws other prompts: make save_steps x gradient_accumulation_steps a multiple of it"
+            )
 
 
 class PromptPool:

@@ -161,6 +161,22 @@ def test_mixture_arguments_are_checked(tmp_path):
         )  # fmt: skip
 
 
+def test_save_steps_inside_a_generation_cycle_is_refused(tmp_path):
+    from eval.loading import InputError
+
+    def config(**kwargs):
+        return OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+    config(save_steps=3)  # one generation per step: any checkpoint is at a cycle's end
+    config(save_steps=4, num_iterations=2)
+    config(save_steps=2, gradient_accumulation_steps=2, steps_per_generation=4)
+    with pytest.raises(InputError, match=r"--save_steps 3: .*num_iterations 2 = 2 micro-batches"):
+        config(save_steps=3, num_iterations=2)
+    with pytest.raises(InputError, match=r"--save_steps 1: .*steps_per_generation 4"):
+        config(save_steps=1, gradient_accumulation_steps=2, steps_per_generation=4)
+    config(save_steps=1, num_iterations=2, save_strategy="no")
+
+
 def test_online_rl_refuses_the_math_only_reward_for_capabilities_or_system_instructions(tmp_path):
     from eval.loading import InputError
     from recipes.online_rl import OnlineRLScriptArguments, check_rewards
