@@ -6,8 +6,10 @@
 Each variant runs `recipes/online_rl.py` (recipes/configs/online_rl_tiny.yaml, no held-out evaluation, no
 checkpoints) for `--max_steps` steps in a fresh subprocess under cProfile. "trl": `OnlineRLTrainer` with its
 prompt-sharing overrides switched off, i.e. TRL's `generate` and fused-head log-probs over every position;
-"ours": as shipped (with the config's static cache; "trl" runs generate()'s default dynamic one). Times are CPU seconds of the process (`time.process_time`, all threads), which a machine
-busy with other work inflates less than wall time; wall time is printed too. Same seed, same prompts drawn.
+"ours": the shipped trainer and config (a static cache), against "trl" with generate()'s default dynamic cache,
+so each side runs the cache its path is built for. Times are CPU seconds of the process (`time.process_time`, all
+threads), which a machine busy with other work inflates less than wall time; wall time is printed too. Same seed,
+same prompts drawn.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def child(variant: str, model: str, max_steps: int, out: str) -> None:
     extra = []
     if variant == "trl":
         OnlineRLTrainer._can_share_prompts = lambda self, model, generation=False: False
-        extra = ["--cache_implementation", "dynamic"]  # generate()'s default cache, as before the config set one
+        extra = ["--cache_implementation", "dynamic"]  # generate()'s default cache: TRL's path without our static one
     with tempfile.TemporaryDirectory() as output_dir:
         argv = ["--config", str(ROOT / "recipes/configs/online_rl_tiny.yaml"), "--model_name_or_path", model,
                 "--max_steps", str(max_steps), "--heldout_problems", "0", "--output_dir", output_dir,

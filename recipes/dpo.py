@@ -29,6 +29,7 @@ from recipes.common import (
     train_resumably,
 )
 from recipes.metap import MetaPArguments, metap_trainer, with_metap_overrides
+from recipes.online_rl import check_rewards
 from recipes.preferences import preference_pairs, total_reward
 from recipes.sampling import cached_samples
 from recipes.validation import run_recipe
@@ -53,6 +54,7 @@ class DPOScriptArguments(VisualArguments, MetaPArguments, TaskArguments):
 
 
 def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> dict[str, Any]:
+    check_rewards(script_args, training_args)
     with_metap_overrides(script_args)
     visual = is_visual(script_args)
     if visual:  # image prompts: the multimodal model, its processor as the processing class

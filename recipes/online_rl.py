@@ -52,25 +52,46 @@ class OnlineRLScriptArguments(VisualArguments, MetaPArguments, TaskArguments):
     )
 
 
-def check_rewards(script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig) -> None:
+def check_rewards(script_args: Any, training_args: Any) -> None:
     """`accuracy_reward` grades arithmetic only: neither other capabilities' answers nor a system instruction's
-    constraint. Refuse the pairings that would train on a silently wrong reward, before a model loads."""
-    math_only = "accuracy_reward" in script_args.reward_funcs or training_args.pass_rate_reward == "accuracy_reward"
-    if math_only and (script_args.capabilities or training_args.system_instructions != "none"):
-        flag = (
-            "--capabilities"
-            if script_args.capabilities
-            else f"--system_instructions {training_args.system_instructions}"
-        )
+    constraint. Refuse the pairings that would train on a silently wrong reward, before a model loads. Also used
+    by the DPO recipe, whose config has no `pass_rate_reward` or `system_instructions`."""
+    pass_rate_reward = getattr(training_args, "pass_rate_reward", None)
+    system_instructions = getattr(training_args, "system_instructions", "none")
+    math_only = "accuracy_reward" in script_args.reward_funcs or pass_rate_reward == "accuracy_reward"
+    if math_only and (script_args.capabilities or system_instructions != "none"):
+        flag = "--capabilities" if script_args.capabilities else f"--system_instructions {system_instructions}"
+        fix = "--reward_funcs capability_reward"
+        if pass_rate_reward is not None:
+            fix += " --pass_rate_reward capability_reward"
         raise InputError(
             f"{flag}: accuracy_reward checks arithmetic answers only (not the other capabilities or an instruction's "
-            "constraint); use --reward_funcs capability_reward --pass_rate_reward capability_reward"
+            f"constraint); use {fix}"
         )
+
+
+def check_visual(script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig) -> None:
+    """The strategies the image task does not support: the refilter generates without images, its reward checks
+    no constraint and it has one capability. Refused before a model loads rather than silently wrong."""
+    if not is_visual(script_args):
+        return
+    reasons = {
+        "--refilter_steps": (training_args.refilter_steps, "the re-scoring generates from text prompts only"),
+        "--system_instructions": (
+            training_args.system_instructions != "none",
+            "visual_accuracy_reward does not check an instruction's constraint",
+        ),
+        "--capabilities": (script_args.capabilities, "the image task is its own single capability"),
+    }
+    for flag, (given, why) in reasons.items():
+        if given:
+            raise InputError(f"{flag} is not supported with --task visual ({why}); leave it unset for that task")
 
 
 def main(
     script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
+    check_visual(script_args, training_args)
     check_rewards(script_args, training_args)
     rewards = [reward_function(name) for name in script_args.reward_funcs]
     with_metap_overrides(script_args)

@@ -27,13 +27,16 @@
 
 The trainer draws the prompts itself when it generates (the dataloader only paces the steps), so the draw always
 sees the latest pass rates and a resumed run draws exactly what an uninterrupted one would: the pass-rate table,
-draw counter and prompt pool are saved in every checkpoint.
+draw counter and prompt pool are saved in every checkpoint, and a `save_steps` that would checkpoint inside a
+generation cycle (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps) is refused, since TRL
+regenerates on resume. Fractional `save_steps` and `save_strategy: epoch` are not checked.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,7 +45,9 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
+from torch.distributed.tensor import DTensor
 from transformers import DynamicCache, StaticCache, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
@@ -152,8 +157,10 @@ class OnlineRLConfig(GRPOConfig):
                 raise InputError(f"--{name} {getattr(self, name)!r}: choose one of {list(allowed)}")
         self.mixture_shares = parse_mapping(self.mixture_shares, "--mixture_shares") or None
         for name, value in (self.mixture_shares or {}).items():
-            if not isinstance(value, (int, float)) or value < 0:
-                raise InputError(f"--mixture_shares: the share of {name!r} must be a number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InputError(
+                    f"--mixture_shares: the share of {name!r} must be a finite number >= 0, got {value!r}"
+                )
         if self.mixture_shares is not None and sum(self.mixture_shares.values()) <= 0:
             raise InputError("--mixture_shares: the shares sum to 0; give at least one capability a positive share")
         if not 0 <= self.mixture_floor <= 1 or not 0 <= self.system_instruction_share <= 1:
@@ -167,6 +174,21 @@ class OnlineRLConfig(GRPOConfig):
             )
         if self.system_instructions != "fixed" and self.system_instruction_id:
             raise InputError("--system_instruction_id is used only with --system_instructions fixed")
+        # TRL regenerates on resume (its buffer is not checkpointed) and counts generation cycles from there: a
+        # checkpoint inside a cycle would shift every later draw against an uninterrupted run.
+        cycle = self.steps_per_generation * self.num_iterations  # micro-batches per generation
+        strategy = getattr(self.save_strategy, "value", self.save_strategy)
+        if (
+            strategy == "steps"
+            and self.save_steps >= 1
+            and (self.save_steps * self.gradient_accumulation_steps) % cycle
+        ):
+            raise InputError(
+                f"--save_steps {self.save_steps}: a checkpoint must fall at the end of a generation cycle "
+                f"(steps_per_generation {self.steps_per_generation} x num_iterations {self.num_iterations} = {cycle} "
+                f"micro-batches; gradient_accumulation_steps {self.gradient_accumulation_steps} per step) or a "
+                "resumed run draws other prompts: make save_steps x gradient_accumulation_steps a multiple of it"
+            )
 
 
 class PromptPool:
@@ -457,7 +479,7 @@ class OnlineRLTrainer(GRPOTrainer):
         its unlocked levels an equal part of it."""
         weights = self.prompt_weights()
         if self.args.refilter_steps:
-            weights = weights * self.prompt_pool.in_pool
+            weights = self._pool_weights(weights)
         balance = self._difficulty is not None and self.args.balance_difficulty
         if balance and (self._capability is not None or self.args.refilter_steps):
             levels = torch.unique(self._difficulty, return_inverse=True)[1]
@@ -473,6 +495,19 @@ class OnlineRLTrainer(GRPOTrainer):
                 "no prompt of a capability with a positive --mixture_shares entry can be drawn (curriculum or filter)"
             )
         return normalize_groups(weights, self._capability, shares / shares.sum())
+
+    def _pool_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """`weights` on the filtered pool. A capability (no capability column: all prompts) whose drawable prompts
+        (curriculum-unlocked) are all filtered out keeps its unfiltered weights: the pool update guards whole
+        capabilities, not the levels the curriculum has unlocked so far. Logged as `refilter/unfiltered_fallbacks`."""
+        pooled = weights * self.prompt_pool.in_pool
+        groups = self._capability if self._capability is not None else torch.zeros(len(weights), dtype=torch.long)
+        count = int(groups.max()) + 1
+        before = torch.zeros(count, dtype=weights.dtype).index_add_(0, groups, weights)
+        after = torch.zeros(count, dtype=weights.dtype).index_add_(0, groups, pooled)
+        empty = (before > 0) & (after <= 0)
+        self._metrics["train"]["refilter/unfiltered_fallbacks"].append(float(empty.sum()))
+        return torch.where(empty[groups], weights, pooled)
 
     def _draw_prompts(self, num_groups: int) -> list[dict[str, Any]]:
         """`num_groups` prompts (each repeated `num_generations` times), distinct within the draw. Seeded by the
@@ -501,7 +536,14 @@ class OnlineRLTrainer(GRPOTrainer):
         result = []
         for row, pick, give in zip(rows, picks, given.tolist()):
             if not give:
-                result.append(row)
+                # TRL builds the reward kwargs from the first row's keys: every row needs the same columns.
+                result.append(
+                    {
+                        **row,
+                        "constraint": row.get("constraint", ""),
+                        "system_instruction": row.get("system_instruction", ""),
+                    }
+                )
                 continue
             instruction = self._instructions[pick]
             if instruction.id in self._heldout_instruction_ids:  # never: the pools are disjoint, checked at start
@@ -776,12 +818,18 @@ class OnlineRLTrainer(GRPOTrainer):
 
     def _can_share_prompts(self, model, generation: bool = False) -> bool:
         """Our text model called directly (its backbone takes a cache). A DDP wrapper must see one forward per
-        backward, and checkpointed layers drop the cache (generation runs without either); multimodal models keep
-        TRL's path."""
+        backward, and checkpointed layers drop the cache (generation runs without either); multimodal models,
+        prompt-learning adapters and sharded LM heads (ZeRO-3, FSDP2) keep TRL's path."""
         if not generation and (model is not self.accelerator.unwrap_model(model) or self.args.gradient_checkpointing):
             return False
+        if is_peft_model(model) and model.peft_config[model.active_adapter].is_prompt_learning:
+            return False  # virtual tokens are prepended inside PEFT's forward: the backbone call here would skip them
         base = model.get_base_model() if is_peft_model(model) else model
-        return isinstance(base, modeling_llama4.Llama4ForCausalLM)
+        if not isinstance(base, modeling_llama4.Llama4ForCausalLM):
+            return False
+        # ZeRO-3 leaves each process an empty partition of lm_head.weight and FSDP2 a DTensor shard: the kernel
+        # here reads the weight directly, TRL's path gathers it.
+        return not is_deepspeed_zero3_enabled() and not isinstance(base.get_output_embeddings().weight, DTensor)
 
     def _completion_logps(
         self,

@@ -360,6 +360,11 @@ def test_unknown_reward_is_named_before_a_model_is_built(name, tmp_path, no_mode
         run(name, tmp_path, "--reward_funcs", "acuracy_reward")
 
 
+def test_dpo_refuses_the_math_only_reward_with_capabilities(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--capabilities: accuracy_reward .*use --reward_funcs capability_reward$"):
+        run("dpo", tmp_path, "--capabilities", "math", "coding")
+
+
 def test_unimportable_reward_path_is_named(tmp_path, no_model):
     with pytest.raises(InputError, match=r"cannot import reward function 'no_such_pkg\.reward'"):
         run("online_rl", tmp_path, "--reward_funcs", "no_such_pkg.reward")

@@ -154,6 +154,26 @@ def test_preference_pairs_take_best_and_worst_samples():
     assert pairs[0]["chosen"][0]["content"] == "\\boxed{1}" and pairs[0]["rejected"][0]["content"] == "\\boxed{7}"
 
 
+def test_preference_pairs_hand_the_reward_the_rows_columns_as_trl_does():
+    # capability_reward needs each answer's capability and constraint: without them every answer is graded as math.
+    prompts = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    data = Dataset.from_dict({
+        "prompt": prompts, "answer": ["1", "2"], "capability": ["coding", "math"], "constraint": ["", "{}"],
+        "completion": [[{"role": "assistant", "content": "ref"}]] * 2,
+    })  # fmt: skip
+    seen = []
+
+    def reward(completions, answer, **kwargs):
+        seen.append(kwargs)
+        return [float(k) for k in range(len(completions))]
+
+    samples = [["a", "b"], ["c", "d"]]
+    pairs, _ = preference_pairs(data, samples, total_reward(reward))
+    assert len(pairs) == 2
+    assert seen[0] == {"prompts": [prompts[0]] * 2, "capability": ["coding"] * 2, "constraint": [""] * 2}
+    assert seen[1]["capability"] == ["math"] * 2 and seen[1]["constraint"] == ["{}"] * 2
+
+
 def test_prompt_stats_pass_rates_and_state_round_trip():
     stats = PromptStats(3)
     assert stats.pass_rates().tolist() == [0.5, 0.5, 0.5]  # Beta(1, 1) prior

@@ -116,6 +116,21 @@ def test_trls_path_where_prompts_cannot_be_shared():
     assert _trainer(gradient_checkpointing=True)._can_share_prompts(model, generation=True)
 
 
+def test_trls_path_under_zero3_and_for_prompt_learning_adapters(monkeypatch):
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    import recipes.rl
+
+    model = _model()
+    monkeypatch.setattr(recipes.rl, "is_deepspeed_zero3_enabled", lambda: True)  # lm_head.weight: empty partition
+    assert not _trainer()._can_share_prompts(model) and not _trainer()._can_share_prompts(model, generation=True)
+    monkeypatch.undo()
+    prompt_tuned = get_peft_model(_model(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert not _trainer()._can_share_prompts(prompt_tuned, generation=True)  # virtual tokens live in PEFT's forward
+    lora = get_peft_model(_model(), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    assert _trainer()._can_share_prompts(lora)
+
+
 @pytest.mark.parametrize("cache", [None, "static"])
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_generate_sharing_prompts_gives_generates_tokens(do_sample, cache):

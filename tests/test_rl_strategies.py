@@ -149,6 +149,9 @@ def test_mixture_arguments_are_checked(tmp_path):
         OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", mixture_rule="adaptive")
     with pytest.raises(InputError, match=">= 0"):
         OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", mixture_shares="{math: -1}")
+    for bad in ("{math: .nan, coding: 1}", "{math: .inf}", {"math": float("nan")}):  # NaN would reach multinomial
+        with pytest.raises(InputError, match="finite number >= 0"):
+            OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", mixture_shares=bad)
     with pytest.raises(InputError, match="lacks"):
         Sampler(fake_pool({"math": 4}), tmp_path, mixture_shares={"chemistry": 1.0})
     with pytest.raises(InputError, match="min <= max"):
@@ -156,6 +159,22 @@ def test_mixture_arguments_are_checked(tmp_path):
             output_dir=str(tmp_path), use_cpu=True, report_to="none",
             refilter_min_pass_rate=0.8, refilter_max_pass_rate=0.2,
         )  # fmt: skip
+
+
+def test_save_steps_inside_a_generation_cycle_is_refused(tmp_path):
+    from eval.loading import InputError
+
+    def config(**kwargs):
+        return OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+    config(save_steps=3)  # one generation per step: any checkpoint is at a cycle's end
+    config(save_steps=4, num_iterations=2)
+    config(save_steps=2, gradient_accumulation_steps=2, steps_per_generation=4)
+    with pytest.raises(InputError, match=r"--save_steps 3: .*num_iterations 2 = 2 micro-batches"):
+        config(save_steps=3, num_iterations=2)
+    with pytest.raises(InputError, match=r"--save_steps 1: .*steps_per_generation 4"):
+        config(save_steps=1, gradient_accumulation_steps=2, steps_per_generation=4)
+    config(save_steps=1, num_iterations=2, save_strategy="no")
 
 
 def test_online_rl_refuses_the_math_only_reward_for_capabilities_or_system_instructions(tmp_path):
@@ -175,6 +194,25 @@ def test_online_rl_refuses_the_math_only_reward_for_capabilities_or_system_instr
         OnlineRLScriptArguments(capabilities=["math", "coding"], reward_funcs=["capability_reward"]),
         config(pass_rate_reward="capability_reward", system_instructions="sampled"),
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "script", "training"),
+    [
+        ("--refilter_steps", {}, {"refilter_steps": 2}),
+        ("--system_instructions", {}, {"system_instructions": "sampled"}),
+        ("--capabilities", {"capabilities": ["math"]}, {}),
+    ],
+)
+def test_visual_task_refuses_the_text_only_strategies(tmp_path, flag, script, training):
+    from eval.loading import InputError
+    from recipes.online_rl import OnlineRLScriptArguments, check_visual
+
+    config = OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **training)
+    check_visual(OnlineRLScriptArguments(**script), config)  # the text task takes them
+    with pytest.raises(InputError, match=f"^{flag} is not supported with --task visual"):
+        check_visual(OnlineRLScriptArguments(task="visual", **script), config)
+    check_visual(OnlineRLScriptArguments(task="visual"), OnlineRLConfig(output_dir=str(tmp_path), use_cpu=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,6 +260,29 @@ def test_refilter_scores_a_seeded_sample_and_never_empties_a_capability(tmp_path
     # Math would be emptied: it keeps its pool (all of it) rather than vanish from the mixture.
     assert report["groups_left_unchanged"] == 1 and everything.prompt_pool.in_pool.all()
     assert (everything.prompt_pool.pass_rates[math] == 1.0).all()
+
+
+@pytest.mark.parametrize("column", ["capability", None])
+def test_a_capability_whose_unlocked_levels_are_all_filtered_out_falls_back_to_its_unfiltered_weights(
+    tmp_path, column
+):
+    # The pool keeps levels 2-3 only while the curriculum (step 0) unlocks level 1: nothing would be drawable.
+    dataset = fake_pool({"math": 12, "coding": 12})
+    sampler = Sampler(dataset, tmp_path, curriculum_column="level", mixture_column=column, refilter_steps=5)
+    levels = torch.tensor(dataset["level"])
+    sampler.prompt_pool.in_pool = levels != 1
+    sampler.prompt_pool.in_pool[0] = column is None  # with one group, a math level-1 prompt keeps it drawable
+    weights = sampler.draw_weights()
+    assert (weights[levels != 1] == 0).all()
+    if column is None:  # the pooled group still has a drawable prompt: the filter holds
+        assert weights.nonzero().flatten().tolist() == [0]
+    else:  # math and coding each fall back to their level-1 prompts
+        assert (weights[levels == 1] > 0).all()
+        assert sampler._metrics["train"]["refilter/unfiltered_fallbacks"] == [2.0]
+    sampler.prompt_pool.in_pool = levels != 1
+    assert (sampler.draw_weights()[levels == 1] > 0).all()
+    rows = sampler._draw_prompts(2)
+    assert {row["level"] for row in rows} == {1}
 
 
 def test_pool_and_draws_survive_a_save_and_resume(tmp_path):
@@ -292,6 +353,16 @@ def test_fixed_instruction_is_always_the_same_and_a_share_leaves_the_rest_bare(t
     bare = sum(row["prompt"][0]["role"] == "user" for _ in range(100) for row in half._draw_prompts(4)[::2])
     assert abs(bare - 200) < 4 * math.sqrt(400 * 0.25)
     assert all("completion" not in row for row in half._draw_prompts(4))  # no reference answer sneaks in
+
+
+def test_bare_rows_get_the_instruction_columns_when_the_dataset_lacks_them(tmp_path):
+    # TRL takes the reward kwargs from the first row's keys: a bare row without them would drop every constraint.
+    dataset = fake_pool({"math": 40, "reasoning": 40}).remove_columns(["constraint", "system_instruction"])
+    half = Sampler(dataset, tmp_path, system_instructions="sampled", system_instruction_share=0.5)
+    rows = [row for _ in range(20) for row in half._draw_prompts(4)]
+    assert {frozenset(row) for row in rows} == {frozenset(rows[0])}
+    bare = [row for row in rows if row["prompt"][0]["role"] == "user"]
+    assert bare and all(row["constraint"] == "" and row["system_instruction"] == "" for row in bare)
 
 
 def test_held_out_instructions_are_refused_in_training(tmp_path):
