@@ -327,7 +327,7 @@ def generate_sharing_prompts(
         cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): every layer's keys and values, gathered
     # Router losses are training-only; with a static cache the model gets prepared (dict) masks they cannot read.
     return model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, output_router_logits=False,
+        input_ids=input_ids, attention_mask=attention_mask, cache=cache, output_router_logits=False,
         **generate_kwargs,
     )  # fmt: skip
 
