@@ -34,6 +34,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .grading import boxed_word_correct
+from .synthetic import _split_of  # the same stable hash: about one image in five is held out
 
 __all__ = [
     "COLOURS",
@@ -144,14 +145,6 @@ def _grid_spec(rng: random.Random) -> dict[str, Any]:
 
 def image_key(spec: dict[str, Any]) -> str:
     return json.dumps(spec, sort_keys=True, separators=(",", ":"))
-
-
-def _split_of(key: str) -> str:
-    # A stable hash (not Python's salted hash()): about one image in five is held out.
-    digest = 0
-    for byte in key.encode():
-        digest = (digest * 131 + byte) % 1_000_003
-    return "test" if digest % 5 == 0 else "train"
 
 
 def visual_caption(spec: dict[str, Any]) -> str:
