@@ -50,7 +50,8 @@ def child(variant: str, model: str, max_steps: int, out: str) -> None:
     extra = []
     if variant == "trl":
         OnlineRLTrainer._can_share_prompts = lambda self, model, generation=False: False
-        extra = ["--cache_implementation", "dynamic"]  # generate()'s default cache: TRL's path without our static one
+        # generate()'s default cache (TRL's path without our static one); every refill a full batch
+        extra = ["--cache_implementation", "dynamic", "--refill_oversample", "0"]
     with tempfile.TemporaryDirectory() as output_dir:
         argv = ["--config", str(ROOT / "recipes/configs/online_rl_tiny.yaml"), "--model_name_or_path", model,
                 "--max_steps", str(max_steps), "--heldout_problems", "0", "--output_dir", output_dir,

@@ -5,7 +5,8 @@
    peaks at p = 0.5 and favours prompts the policy neither always nor never solves.
 2. Adaptive filtering (trl#3708). A group whose rewards all agree has zero advantage and teaches nothing; it is
    dropped and refilled from freshly drawn prompts (up to `max_refill_rounds` extra generations) so that each
-   batch carries signal.
+   batch carries signal. A refill draws as many groups as the missing ones need at the share with signal seen so
+   far in the step, with a margin (`refill_oversample`), at most a full batch.
 3. Curriculum. With a difficulty column (`curriculum_column`, e.g. the synthetic task's `level`), only prompts at
    or below a difficulty cap are drawn; the cap rises evenly from the easiest to the hardest level over the first
    `curriculum_fraction` of training. Each unlocked level gets an equal share of the draws (`balance_difficulty`).
@@ -34,7 +35,6 @@ regenerates on resume. Fractional `save_steps` and `save_strategy: epoch` are no
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -46,7 +46,7 @@ import torch
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
 from torch.distributed.tensor import DTensor
-from transformers import DynamicCache, StaticCache, Trainer
+from transformers import DynamicCache, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -62,6 +62,7 @@ from eval.generation import generate_completions
 from eval.loading import InputError
 
 from .common import write_json_atomic
+from .rl_generation import generate_sharing_prompts
 from .validation import parse_mapping
 
 STATS_FILE = "prompt_stats.json"
@@ -84,6 +85,13 @@ class OnlineRLConfig(GRPOConfig):
     )
     max_refill_rounds: int = field(
         default=2, metadata={"help": "Extra generations per step to refill dropped groups."}
+    )
+    refill_oversample: float = field(
+        default=1.5,
+        metadata={
+            "help": "A refill draws the missing groups / the share with signal so far x this, at most a full "
+            "batch (0: always a full batch)."
+        },
     )
     curriculum_column: str | None = field(
         default="level", metadata={"help": "Difficulty column for the curriculum (missing column: no curriculum)."}
@@ -171,6 +179,11 @@ class OnlineRLConfig(GRPOConfig):
             raise InputError(
                 f"--refilter_min_pass_rate {self.refilter_min_pass_rate} / --refilter_max_pass_rate "
                 f"{self.refilter_max_pass_rate}: need 0 <= min <= max <= 1"
+            )
+        if self.max_refill_rounds < 0 or not (self.refill_oversample >= 0 and math.isfinite(self.refill_oversample)):
+            raise InputError(
+                f"--max_refill_rounds {self.max_refill_rounds} / --refill_oversample {self.refill_oversample}: both "
+                "must be >= 0 (refill_oversample 0: every refill draws a full batch)"
             )
         if self.system_instructions != "fixed" and self.system_instruction_id:
             raise InputError("--system_instruction_id is used only with --system_instructions fixed")
@@ -290,46 +303,6 @@ class PromptStats:
         self.attempts = torch.tensor(state["attempts"], dtype=torch.float64)
         self.successes = torch.tensor(state["successes"], dtype=torch.float64)
         self.draws = state["draws"]
-
-
-def generate_sharing_prompts(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs: Any
-) -> torch.Tensor:
-    """`model.generate(input_ids, attention_mask, ...)` (our Llama 4, left-padded prompts) with the prefill of each
-    distinct prompt run once: GRPO repeats every prompt `num_generations` times. All but the last prompt token are
-    prefilled per distinct row, the cache is gathered to every row, and `generate` runs the last token and decodes
-    as usual (the same logits, so the same tokens: tests/test_rl_logprobs.py).
-
-    With `cache_implementation="static"` in the generation config the cache is a `StaticCache` sized for the
-    prompt and `max_new_tokens`: a dynamic cache concatenates (re-allocates) every layer's keys and values at each
-    decode step, which at GRPO's batch sizes on CPU costs more than the attention itself."""
-    base = model.get_base_model() if is_peft_model(model) else model
-    prefix_len = input_ids.size(1) - 1
-    config = generate_kwargs.get("generation_config")
-    static = config is not None and config.cache_implementation == "static" and config.max_new_tokens is not None
-    if prefix_len < 1 and not static:
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-    if static:  # the cache is ours: generate() must not build another
-        generate_kwargs["generation_config"] = config = copy.deepcopy(config)
-        config.cache_implementation = None
-        cache = StaticCache(config=base.config, max_cache_len=input_ids.size(1) + config.max_new_tokens)
-    else:
-        cache = DynamicCache(config=base.config)  # the cache generate() would build: chunked layers keep one chunk
-    if prefix_len >= 1:
-        prefix = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len]], dim=1)
-        unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2 * prefix_len), (B,)
-        unique_mask = unique[:, prefix_len:]
-        positions = (unique_mask.cumsum(-1) - 1).masked_fill(unique_mask == 0, 0)  # generate()'s, from the mask
-        base.model(
-            input_ids=unique[:, :prefix_len], attention_mask=unique_mask, position_ids=positions, cache=cache,
-            use_cache=True, output_router_logits=False,
-        )  # fmt: skip
-        cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): every layer's keys and values, gathered
-    # Router losses are training-only; with a static cache the model gets prepared (dict) masks they cannot read.
-    return model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, cache=cache, output_router_logits=False,
-        **generate_kwargs,
-    )  # fmt: skip
 
 
 # Tensors in GRPO's generation output that are padded on the left (prompts); the other 2-D ones are right padded.
@@ -668,11 +641,13 @@ class OnlineRLTrainer(GRPOTrainer):
 
         parts = [(output, has_signal.nonzero().flatten().tolist())]
         kept = len(parts[0][1])
-        rounds = 0
-        # Every process runs the same number of rounds (generation gathers across processes).
+        rounds, drawn, with_signal = 0, num_groups, kept
+        # Every process runs the same number of rounds, of the same size (generation gathers across processes).
         while rounds < self.args.max_refill_rounds and self._max_over_processes(num_groups - kept) > 0:
             rounds += 1
-            refill, refill_signal = self._score(self._draw_prompts(num_groups))
+            size = self._max_over_processes(self.refill_size(num_groups - kept, with_signal / drawn, num_groups))
+            refill, refill_signal = self._score(self._draw_prompts(size))
+            drawn, with_signal = drawn + size, with_signal + int(refill_signal.sum())
             take = refill_signal.nonzero().flatten().tolist()[: max(0, num_groups - kept)]
             parts.append((refill, take))
             kept += len(take)
@@ -682,6 +657,16 @@ class OnlineRLTrainer(GRPOTrainer):
         metrics["adaptive_filter/refill_rounds"].append(rounds)
         metrics["adaptive_filter/batch_signal_fraction"].append(min(kept, num_groups) / num_groups)
         return self._concat_groups(parts)
+
+    def refill_size(self, missing: int, signal_rate: float, num_groups: int) -> int:
+        """Groups a refill draws: the `missing` ones over the share of groups with signal so far this step, times
+        `refill_oversample`, at most a full batch; a refill short of a few groups need not generate a batch."""
+        if missing <= 0:
+            return 0
+        if self.args.refill_oversample <= 0:
+            return num_groups
+        rate = max(signal_rate, 1 / num_groups)  # no group with signal yet: as if one in the batch had it
+        return min(num_groups, math.ceil(self.args.refill_oversample * missing / rate))
 
     def _draws_prompts(self) -> bool:
         """Whether the trainer draws each batch itself (else the dataloader's uniform shuffle stands)."""

@@ -269,6 +269,51 @@ def test_concat_groups_repads_prompts_left_and_completions_right():
     assert merged["old_per_token_logps"] is None and merged["num_items_in_batch"].item() == 5
 
 
+def _refill_stub(signal: int, *, num_generations=2, max_refill_rounds=2, refill_oversample=1.5):
+    """An OnlineRLTrainer whose generation is faked: of every 4 groups drawn, the first `signal` have signal."""
+    from collections import defaultdict
+
+    stub = OnlineRLTrainer.__new__(OnlineRLTrainer)
+    stub.num_generations, stub.model = num_generations, SimpleNamespace(training=True)
+    stub.args = SimpleNamespace(
+        refilter_steps=0, filter_zero_variance_groups=True, max_refill_rounds=max_refill_rounds,
+        refill_oversample=refill_oversample,
+    )  # fmt: skip
+    stub._metrics, stub.draws = {"train": defaultdict(list)}, []
+    stub.refilter_due, stub._draws_prompts, stub.difficulty_cap = (lambda: False), (lambda: True), (lambda: None)
+    stub.prompt_stats = SimpleNamespace(pass_rates=lambda: torch.zeros(1))
+    stub._max_over_processes = lambda value: value
+    stub._concat_groups = lambda parts: parts
+
+    def draw(num_groups):
+        stub.draws.append(num_groups)
+        return [{}] * (num_groups * num_generations)
+
+    def score(rows):
+        groups = len(rows) // num_generations
+        return {"groups": groups}, torch.arange(groups) % 4 < signal
+
+    stub._draw_prompts, stub._score = draw, score
+    return stub
+
+
+@pytest.mark.parametrize(
+    ("signal", "oversample", "draws", "kept"),
+    [
+        (3, 1.5, [16, 8], 16),  # 12 of 16 with signal: 4 missing at 3/4 -> 1.5 * 4 / 0.75 = 8 groups
+        (3, 0.0, [16, 16], 16),  # refill_oversample 0: a full batch each time
+        (1, 1.5, [16, 16, 16], 12),  # 12 missing at 1/4: capped at a full batch; still short after 2 refills
+    ],
+)
+def test_refills_draw_what_the_missing_groups_need(signal, oversample, draws, kept):
+    stub = _refill_stub(signal, refill_oversample=oversample)
+    parts = OnlineRLTrainer._generate_and_score_completions(stub, [{}] * 32)  # 16 groups of 2
+    assert stub.draws == draws
+    with_signal = sum(len(take) for _, take in parts[: len(draws)])
+    assert with_signal == kept and sum(len(take) for _, take in parts) == 16  # padded with silent groups
+    assert stub._metrics["train"]["adaptive_filter/batch_signal_fraction"] == [kept / 16]
+
+
 def test_paired_change_is_the_exact_sign_test():
     from recipes.pipeline import paired_change
 

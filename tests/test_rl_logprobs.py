@@ -11,7 +11,8 @@ from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from recipes.rl import OnlineRLTrainer, generate_sharing_prompts
+from recipes.rl import OnlineRLTrainer
+from recipes.rl_generation import generate_sharing_prompts, sample_inverse_cdf
 from tests.conftest import tiny_text_kwargs
 
 PAD = 0
@@ -131,25 +132,73 @@ def test_trls_path_under_zero3_and_for_prompt_learning_adapters(monkeypatch):
     assert _trainer()._can_share_prompts(lora)
 
 
+def _eos_at_different_steps(model, ids, mask, max_new_tokens: int) -> list[int]:
+    """EOS ids that end the rows' greedy answers at different steps, so rows leave the batch one after another."""
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+    answers = plain[:, ids.shape[1] :]
+    return sorted({int(answers[0, 2]), int(answers[3, 3]), int(answers[6, 4])})  # one per prompt
+
+
 @pytest.mark.parametrize("cache", [None, "static"])
-@pytest.mark.parametrize("do_sample", [False, True])
-def test_generate_sharing_prompts_gives_generates_tokens(do_sample, cache):
+@pytest.mark.parametrize("rows_finish_early", [False, True])
+def test_generate_sharing_prompts_gives_generates_greedy_tokens(rows_finish_early, cache):
     """Left-padded prompts repeated as GRPO batches them (chunk boundaries crossed), router logits on in the
-    config: the same tokens as a plain `generate` (dynamic cache), greedy and sampled from the same seed."""
+    config, rows that end at different steps (and so leave the batch): the tokens of a plain greedy `generate`
+    (dynamic cache)."""
     generator = torch.Generator().manual_seed(11)
     model = _model().eval()
     model.config.output_router_logits = True
     ids, mask, keep = _batch((21, 9, 30), (1,), 3, generator)
     ids, mask = ids[:, :-keep], mask[:, :-keep]
-    options = dict(max_new_tokens=12, do_sample=do_sample, temperature=0.7, top_k=0, pad_token_id=PAD)
+    # Row 3 repeats row 0's prompt with another answer: a finished row leaves while its prompt's twins go on.
+    eos = _eos_at_different_steps(model, ids, mask, 12) if rows_finish_early else None
+    options = dict(max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
     config = GenerationConfig(**options, cache_implementation=cache)
-    torch.manual_seed(5)
     ours = generate_sharing_prompts(model, ids, mask, generation_config=config)
     assert config.cache_implementation == cache  # the caller's config is left as it was
-    torch.manual_seed(5)
     plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(**options))
     assert ours.shape == plain.shape and ours.shape[1] > ids.shape[1]
     assert torch.equal(ours, plain)
+    if rows_finish_early:  # the rows did finish at different steps, some before the end
+        ends = torch.isin(ours[:, ids.shape[1] :], torch.tensor(eos)).int().argmax(dim=1)
+        assert len(set(ends.tolist())) >= 2
+
+
+def test_sampled_decoding_applies_generates_logits_processors():
+    """Sampling with top_k=1 keeps one token per step: the greedy answer, so the processors run before the draw;
+    tokens a processor suppresses are never drawn; a seeded draw repeats."""
+    generator = torch.Generator().manual_seed(3)
+    model = _model().eval()
+    ids, mask, keep = _batch((14, 6), (1,), 4, generator)
+    ids, mask = ids[:, :-keep], mask[:, :-keep]
+    greedy = generate_sharing_prompts(
+        model, ids, mask, generation_config=GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=PAD)
+    )
+    top1 = GenerationConfig(max_new_tokens=8, do_sample=True, top_k=1, temperature=0.7, pad_token_id=PAD)
+    assert torch.equal(generate_sharing_prompts(model, ids, mask, generation_config=top1), greedy)
+    suppressed = sorted(set(greedy[:, ids.shape[1] :].flatten().tolist()))
+    options = dict(max_new_tokens=8, do_sample=True, top_k=0, temperature=1.5, pad_token_id=PAD)
+    config = GenerationConfig(**options, suppress_tokens=suppressed)
+    torch.manual_seed(0)
+    first = generate_sharing_prompts(model, ids, mask, generation_config=config)
+    assert not torch.isin(first[:, ids.shape[1] :], torch.tensor(suppressed)).any()
+    torch.manual_seed(0)
+    assert torch.equal(generate_sharing_prompts(model, ids, mask, generation_config=config), first)
+
+
+def test_inverse_cdf_sampling_follows_the_probabilities():
+    """Frequencies of 200k draws against the probabilities (a zero one included), rows of different scales."""
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3], [1.0, 3.0, 0.0, 4.0]])  # the second row unnormalised
+    generator = torch.Generator().manual_seed(0)
+    draws = 100_000
+    counts = torch.zeros_like(probs)
+    for _ in range(draws // 1000):
+        tokens = sample_inverse_cdf(probs.repeat_interleave(1000, dim=0), generator=generator).view(2, 1000)
+        counts += torch.nn.functional.one_hot(tokens, 4).sum(dim=1)
+    expected = probs / probs.sum(dim=1, keepdim=True)
+    assert counts[0, 1] == 0 and counts[1, 2] == 0  # zero-probability tokens
+    # Each frequency within 5 binomial standard deviations (sd <= 0.0016 at 100k draws).
+    assert torch.allclose(counts / draws, expected, atol=5 * 0.5 / draws**0.5)
 
 
 @pytest.mark.slow
@@ -174,6 +223,7 @@ def test_trainer_generation_equals_trls(tmp_path):
         model=model, reward_funcs=[digit_share_reward], args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
     )  # fmt: skip
+    trainer.generation_config.do_sample = False  # sampled tokens follow the same distribution, not the same stream
     prompt_ids, images, fields = trainer._tokenize_prompts([p for p in prompts[:2] for _ in range(4)])
     assert (
         trainer._can_share_prompts(trainer.model, generation=True) and len({len(ids) for ids in prompt_ids}) == 2
