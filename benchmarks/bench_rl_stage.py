@@ -3,13 +3,19 @@
     python benchmarks/bench_rl_stage.py --model outputs/pipeline_tiny/sft --max_steps 3
     python benchmarks/bench_rl_stage.py --model PATH --threads 2 --variants trl ours trl ours
 
-Each variant runs `recipes/online_rl.py` (recipes/configs/online_rl_tiny.yaml, no held-out evaluation, no
-checkpoints) for `--max_steps` steps in a fresh subprocess under cProfile. "trl": `OnlineRLTrainer` with its
-prompt-sharing overrides switched off, i.e. TRL's `generate` and fused-head log-probs over every position;
-"ours": the shipped trainer and config (a static cache), against "trl" with generate()'s default dynamic cache,
-so each side runs the cache its path is built for. Times are CPU seconds of the process (`time.process_time`, all
-threads), which a machine busy with other work inflates less than wall time; wall time is printed too. Same seed,
-same prompts drawn.
+Each variant runs `recipes/online_rl.py` (recipes/configs/online_rl_tiny.yaml, no checkpoints, held-out
+evaluation only with `--heldout_problems`) for `--max_steps` steps in a fresh subprocess under cProfile. "trl":
+`OnlineRLTrainer` with its generation and log-prob overrides switched off, i.e. TRL's `generate` (generate()'s
+default dynamic cache) and fused-head log-probs over every position, and every refill a full batch
+(`--refill_oversample 0`); "ours": the shipped trainer and config. Times are CPU seconds of the process
+(`time.process_time`, all threads), which a machine busy with other work inflates less than wall time; wall time is
+printed too. Same seed; the two sample from the same distributions but not the same random stream, and refill
+with different numbers of prompts, so the answers differ.
+
+The whole stage as the main job runs it (32 steps, then 1000 held-out problems, 2 threads):
+
+    python benchmarks/bench_rl_stage.py --model outputs/pipeline_tiny/sft --max_steps 32 --heldout_problems 1000 \
+        --threads 2 --variants trl ours
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ PARTS = [
 TOTAL = "trainer.py:_inner_training_loop"
 
 
-def child(variant: str, model: str, max_steps: int, out: str) -> None:
+def child(variant: str, model: str, max_steps: int, heldout: int, out: str) -> None:
     import cProfile
     import pstats
 
@@ -54,7 +60,7 @@ def child(variant: str, model: str, max_steps: int, out: str) -> None:
         extra = ["--cache_implementation", "dynamic", "--refill_oversample", "0"]
     with tempfile.TemporaryDirectory() as output_dir:
         argv = ["--config", str(ROOT / "recipes/configs/online_rl_tiny.yaml"), "--model_name_or_path", model,
-                "--max_steps", str(max_steps), "--heldout_problems", "0", "--output_dir", output_dir,
+                "--max_steps", str(max_steps), "--heldout_problems", str(heldout), "--output_dir", output_dir,
                 "--save_strategy", "no", "--logging_steps", "1", *extra]  # fmt: skip
         profile = cProfile.Profile(time.process_time)
         wall, cpu = time.perf_counter(), time.process_time()
@@ -80,6 +86,7 @@ def child(variant: str, model: str, max_steps: int, out: str) -> None:
         "generate_calls": calls.get(PARTS[0][1], 0),
         "reward": sum(h["reward"] for h in steps) / max(1, len(steps)),
         "accuracy_reward": sum(h["rewards/accuracy_reward/mean"] for h in steps) / max(1, len(steps)),
+        "heldout_accuracy": results.get("heldout", {}).get("accuracy"),
     }
     Path(out).write_text(json.dumps(summary))
 
@@ -89,11 +96,14 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="The SFT model the RL stage starts from.")
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run.")
+    parser.add_argument(
+        "--heldout_problems", type=int, default=0, help="Held-out evaluation after training (the main job: 1000)."
+    )
     parser.add_argument("--variants", nargs="+", default=["trl", "ours"], choices=["trl", "ours"])
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        return child(args._child[0], args.model, args.max_steps, args._child[1])
+        return child(args._child[0], args.model, args.max_steps, args.heldout_problems, args._child[1])
     if not Path(args.model, "config.json").is_file():
         raise SystemExit(f"error: --model {args.model}: no config.json there; pass the SFT stage's output folder")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
@@ -101,7 +111,7 @@ def main() -> None:
     for variant in args.variants:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, __file__, "--model", args.model, "--max_steps", str(args.max_steps),
-                       "--_child", variant, out.name]  # fmt: skip
+                       "--heldout_problems", str(args.heldout_problems), "--_child", variant, out.name]  # fmt: skip
             run = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if run.returncode:
                 raise SystemExit(f"error: the {variant!r} run failed:\n{run.stderr[-3000:]}")
@@ -121,6 +131,8 @@ def main() -> None:
     print("| process CPU s | " + " | ".join(f"{row['cpu']:.1f}" for row in rows) + " |")
     print("| process wall s | " + " | ".join(f"{row['wall']:.1f}" for row in rows) + " |")
     print("| mean accuracy reward | " + " | ".join(f"{row['accuracy_reward']:.3f}" for row in rows) + " |")
+    if args.heldout_problems:
+        print("| held-out accuracy | " + " | ".join(f"{row['heldout_accuracy']:.1%}" for row in rows) + " |")
 
 
 if __name__ == "__main__":

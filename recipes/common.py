@@ -94,7 +94,10 @@ class TaskArguments:
     )
     capability_shares: dict | str | None = field(
         default=None,
-        metadata={"help": "Share of each of --capabilities in the train split (JSON/YAML mapping); empty: equal."},
+        metadata={
+            "help": "Share of each of --capabilities in the train split (JSON/YAML mapping); empty: equal. A "
+            "capability the mapping leaves out gets 0, as in online RL's --mixture_shares."
+        },
     )
     capability_system_fraction: float = field(
         default=0.25,
@@ -137,7 +140,8 @@ def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[D
 
 
 def mixture_shares(args: TaskArguments) -> dict[str, float]:
-    """--capabilities with their --capability_shares (equal where none is given), checked (with
+    """--capabilities with their --capability_shares (equal without a mapping, 0 where a mapping leaves one out, as
+    --mixture_shares reads), checked (with
     --capability_system_fraction, so that a bad value is refused before a model loads)."""
     fraction = getattr(args, "capability_system_fraction", 0.25)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
@@ -152,7 +156,7 @@ def mixture_shares(args: TaskArguments) -> dict[str, float]:
     extra = sorted(set(given) - set(args.capabilities or ()))
     if extra:
         raise InputError(f"--capability_shares names {extra}, which --capabilities {args.capabilities} lacks")
-    shares = {name: given.get(name, 1.0) for name in args.capabilities}
+    shares = {name: given.get(name, 0.0 if given else 1.0) for name in args.capabilities}
     if any(
         not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0
         for v in shares.values()

@@ -100,7 +100,8 @@ def main(
         tokenizer.tokenizer.padding_side = "left"
         train, heldout = visual_datasets(script_args)
         check_single_tile(train, tokenizer)
-        train = train.select_columns(["prompt", "images", "answer", "level"])
+        # `level` (the curriculum's column) only where the dataset has one: a user's image set may not.
+        train = train.select_columns([c for c in ("prompt", "images", "answer", "level") if c in train.column_names])
         trainer_class = visual_online_rl_trainer()
     else:
         model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)

@@ -62,7 +62,7 @@ from eval.generation import generate_completions
 from eval.loading import InputError
 
 from .common import write_json_atomic
-from .rl_generation import generate_sharing_prompts
+from .rl_generation import generate_sharing_prompts, prefill_distinct_rows
 from .validation import parse_mapping
 
 STATS_FILE = "prompt_stats.json"
@@ -805,7 +805,14 @@ class OnlineRLTrainer(GRPOTrainer):
         """Our text model called directly (its backbone takes a cache). A DDP wrapper must see one forward per
         backward, and checkpointed layers drop the cache (generation runs without either); multimodal models,
         prompt-learning adapters and sharded LM heads (ZeRO-3, FSDP2) keep TRL's path."""
-        if not generation and (model is not self.accelerator.unwrap_model(model) or self.args.gradient_checkpointing):
+        # Under a wrapper both log-prob passes take TRL's path: the training one must (DDP sees one forward per
+        # backward), and the no-grad one for the old policy then matches it to the last bit (ratios exactly 1).
+        wrapped = getattr(self, "model_wrapped", model)
+        if not generation and (
+            model is not self.accelerator.unwrap_model(model)
+            or wrapped is not self.accelerator.unwrap_model(wrapped)
+            or self.args.gradient_checkpointing
+        ):
             return False
         if is_peft_model(model) and model.peft_config[model.active_adapter].is_prompt_learning:
             return False  # virtual tokens are prepended inside PEFT's forward: the backbone call here would skip them
@@ -833,18 +840,12 @@ class OnlineRLTrainer(GRPOTrainer):
         cache = DynamicCache()  # every layer keeps every token, so the suffix's chunked attention sees them
         prefix_logits: tuple[torch.Tensor, ...] = ()
         if prefix_len > 0:
-            prefix = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len]], dim=1)
-            unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2 * prefix_len), (B,)
-            out = backbone(
-                input_ids=unique[:, :prefix_len],
-                attention_mask=unique[:, prefix_len:],
-                cache=cache,
-                use_cache=True,
+            out, num_unique, inverse = prefill_distinct_rows(
+                backbone, input_ids[:, :prefix_len], attention_mask[:, :prefix_len], cache, positions_from_mask=False,
                 output_router_logits=compute_aux_loss,
-            )
-            cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...) for every layer's keys and values
+            )  # fmt: skip
             if compute_aux_loss:  # (U * prefix_len, E) per layer -> the rows' (B, prefix_len, E)
-                prefix_logits = tuple(r.view(len(unique), prefix_len, -1)[inverse] for r in out.router_logits)
+                prefix_logits = tuple(r.view(num_unique, prefix_len, -1)[inverse] for r in out.router_logits)
         out = backbone(
             input_ids=input_ids[:, max(prefix_len, 0) :],
             attention_mask=attention_mask,

@@ -23,7 +23,7 @@ from accelerate.utils import is_peft_model
 from transformers import DynamicCache, GenerationConfig, StaticCache
 from transformers.generation.configuration_utils import GenerationMode
 
-__all__ = ["decode_dropping_finished", "generate_sharing_prompts", "sample_inverse_cdf"]
+__all__ = ["decode_dropping_finished", "generate_sharing_prompts", "prefill_distinct_rows", "sample_inverse_cdf"]
 
 # Rows are removed from the batch once this share of the remaining ones has finished: each removal copies every
 # layer's keys and values, so waiting for a few rows at a time costs less than copying after each one.
@@ -117,6 +117,23 @@ def decode_dropping_finished(
     return output[:, : length + 1]
 
 
+def prefill_distinct_rows(
+    backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, *, positions_from_mask: bool, **kwargs
+) -> tuple[Any, int, torch.Tensor]:
+    """Run each distinct row of `input_ids` / `attention_mask` (B, S) through `backbone` once into `cache`, then
+    gather the cache to every row (a differentiable index). Returns (the backbone's output over the U distinct
+    rows, U, the row -> distinct-row index (B,)). `positions_from_mask`: position ids counted over the unpadded
+    tokens, as generate() sets them; else the backbone's default, as a plain forward (TRL's log-prob pass) gets."""
+    length = input_ids.size(1)
+    unique, inverse = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+    mask = unique[:, length:]  # (U, S)
+    if positions_from_mask:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    output = backbone(input_ids=unique[:, :length], attention_mask=mask, cache=cache, use_cache=True, **kwargs)
+    cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): every layer's keys and values
+    return output, len(unique), inverse
+
+
 def generate_sharing_prompts(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs: Any
 ) -> torch.Tensor:
@@ -137,15 +154,9 @@ def generate_sharing_prompts(
         cache = StaticCache(config=base.config, max_cache_len=input_ids.size(1) + config.max_new_tokens)
     else:
         cache = DynamicCache(config=base.config)  # the cache generate() would build: chunked layers keep one chunk
-    prefix_len = input_ids.size(1) - 1
-    if prefix_len >= 1:
-        prefix = torch.cat([input_ids[:, :prefix_len], attention_mask[:, :prefix_len]], dim=1)
-        unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, 2 * prefix_len), (B,)
-        unique_mask = unique[:, prefix_len:]
-        positions = (unique_mask.cumsum(-1) - 1).masked_fill(unique_mask == 0, 0)  # generate()'s, from the mask
-        base.model(
-            input_ids=unique[:, :prefix_len], attention_mask=unique_mask, position_ids=positions, cache=cache,
-            use_cache=True, output_router_logits=False,
+    if input_ids.size(1) > 1:
+        prefill_distinct_rows(
+            base.model, input_ids[:, :-1], attention_mask[:, :-1], cache, positions_from_mask=True,
+            output_router_logits=False,
         )  # fmt: skip
-        cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): every layer's keys and values, gathered
     return decode_dropping_finished(model, input_ids, attention_mask, cache, config)

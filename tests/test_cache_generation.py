@@ -3,6 +3,8 @@
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig, Llama4TextExperts, moe
 
@@ -180,3 +182,39 @@ def test_completion_only_log_probs_equal_the_full_paths():
         return logits.log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
 
     torch.testing.assert_close(log_probs(kept), log_probs(full), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2, 5]),
+    keys=st.integers(1, 40),
+    head_dim=st.sampled_from([8, 16]),
+    mask_kind=st.sampled_from(["none", "bool", "additive"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_one_query_attention_equals_sdpa(batch, kv_heads, group, keys, head_dim, mask_kind, dtype, seed):
+    """The CPU decode path against transformers' SDPA attention (the built-in's), masks of every form, GQA."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from modeling_llama4.modeling_llama4 import one_query_attention
+
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * group, 1, head_dim, generator=generator).to(dtype)
+    key, value = (torch.randn(batch, kv_heads, keys, head_dim, generator=generator).to(dtype) for _ in range(2))
+    mask = None
+    if mask_kind != "none":
+        attended = torch.rand(batch, 1, 1, keys, generator=generator) < 0.7
+        attended[..., -1] = True  # every row attends to at least its own key
+        mask = (
+            attended if mask_kind == "bool" else torch.zeros(attended.shape, dtype=dtype).masked_fill(~attended, -1e4)
+        )
+    module = SimpleNamespace(num_key_value_groups=group, is_causal=False, training=False)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=head_dim**-0.5)
+    ours = one_query_attention(query, key, value, mask, head_dim**-0.5)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours, expected, **tolerance)

@@ -448,6 +448,12 @@ def test_task_datasets_with_capabilities():
     assert plain.to_list() == arithmetic_problems("train", 8).to_list()
     samples = [[_reply(r), "The final answer is \\boxed{-1}.", _reply(r)] for r in plain]
     assert dataset_pass_rates(samples, plain) == pass_rates(samples, plain["answer"], math_answer_correct)
+    # A mapping that leaves a capability out gives it 0, as --mixture_shares does; no mapping: equal shares.
+    assert mixture_shares(TaskArguments(capabilities=["math", "coding"], capability_shares={"math": 2})) == {
+        "math": 2,
+        "coding": 0.0,
+    }
+    assert mixture_shares(TaskArguments(capabilities=["math", "coding"])) == {"math": 1.0, "coding": 1.0}
     with pytest.raises(InputError, match="no capability \\['art'\\]"):
         mixture_shares(TaskArguments(capabilities=["math", "art"]))
     with pytest.raises(InputError, match="names \\['coding'\\], which --capabilities"):

@@ -115,6 +115,11 @@ def test_trls_path_where_prompts_cannot_be_shared():
     assert _trainer()._can_share_prompts(model)
     assert not _trainer(gradient_checkpointing=True)._can_share_prompts(model)  # checkpointed layers drop caches
     assert _trainer(gradient_checkpointing=True)._can_share_prompts(model, generation=True)
+    # Under DDP the old-policy pass (called with the bare model) takes TRL's path too, as the training pass must.
+    ddp = _trainer()
+    ddp.model_wrapped = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
+    ddp.accelerator.unwrap_model = lambda m, **kwargs: model if m is ddp.model_wrapped else m
+    assert not ddp._can_share_prompts(model) and ddp._can_share_prompts(model, generation=True)
 
 
 def test_trls_path_under_zero3_and_for_prompt_learning_adapters(monkeypatch):
