@@ -127,7 +127,7 @@ def main() -> None:
     print(header + "\n|---|" + "---|" * len(rows))
     for label, pattern in [("training loop", TOTAL), *PARTS]:
         print(f"| {label} | " + " | ".join(f"{row['parts'].get(pattern, 0.0):.1f}" for row in rows) + " |")
-    print("| generate() calls | " + " | ".join(str(row["generate_calls"]) for row in rows) + " |")
+    print("| TRL generation rounds | " + " | ".join(str(row["generate_calls"]) for row in rows) + " |")
     print("| process CPU s | " + " | ".join(f"{row['cpu']:.1f}" for row in rows) + " |")
     print("| process wall s | " + " | ".join(f"{row['wall']:.1f}" for row in rows) + " |")
     print("| mean accuracy reward | " + " | ".join(f"{row['accuracy_reward']:.3f}" for row in rows) + " |")
