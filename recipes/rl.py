@@ -565,7 +565,9 @@ class OnlineRLTrainer(GRPOTrainer):
         """Each prompt's pass rate over `refilter_samples` answers of the current policy at the training temperature
         (`pass_rate_reward` per answer). Generation runs batched through `eval.generation` under no_grad; the
         training RNG is forked, so re-scoring leaves the training samples as they were."""
-        rows = [self.train_dataset[index] for index in indices]
+        rows = [dict(self.train_dataset[index]) for index in indices]
+        if self._instructions:  # scored as training draws them: with a system instruction sampled per prompt
+            rows = self._with_system_instructions(rows, torch.Generator().manual_seed(seed + 1))
         k = self.args.refilter_samples
         prompts = [row["prompt"] for row in rows]
         model = self.accelerator.unwrap_model(self.model)

@@ -491,3 +491,35 @@ def test_ablation_smoke_runs_every_arm_end_to_end(tmp_path):
     assert any("refilter/kept" in entry for entry in logs["e"]["log_history"])
     table = (tmp_path / "ablation.md").read_text()
     assert "| e: (d) + continuous filtering |" in table and "instruction_unseen" in table
+
+
+def test_refilter_scores_prompts_with_sampled_system_instructions_as_training_draws_them(tmp_path, monkeypatch):
+    """The re-scoring sees each prompt as a training draw does (a train-pool system message, its constraint passed
+    to the reward), and the same refilter seed gives the same instructions."""
+    import recipes.rl
+    from eval.capabilities import SYSTEM_INSTRUCTIONS
+
+    sent, rewarded = [], []
+
+    def fake_generate(model, tokenizer, prompts, *, num_samples, **kwargs):
+        sent.append(prompts)
+        return [["answer"] * num_samples for _ in prompts]
+
+    def reward(prompts, completions, constraint, **kwargs):
+        rewarded.append(constraint)
+        return [1.0] * len(prompts)
+
+    monkeypatch.setattr(recipes.rl, "generate_completions", fake_generate)
+    sampler = Sampler(
+        fake_pool({"math": 6, "instruction": 6}), tmp_path, system_instructions="sampled",
+        system_instruction_share=1.0, refilter_steps=1, refilter_samples=2, pass_rate_reward="reward",
+    )  # fmt: skip
+    sampler.reward_funcs, sampler.reward_func_names = [reward], ["reward"]
+    sampler.model, sampler.processing_class = None, None
+    sampler.max_completion_length, sampler.temperature, sampler.top_p = 8, 1.0, 1.0
+    sampler.accelerator = SimpleNamespace(unwrap_model=lambda model: model, device=torch.device("cpu"))
+    for _ in range(2):
+        assert OnlineRLTrainer.prompt_pass_rates(sampler, list(range(12)), seed=5) == [1.0] * 12
+    train_texts = {instruction.text for instruction in SYSTEM_INSTRUCTIONS["train"]}
+    assert all(prompt[0]["role"] == "system" and prompt[0]["content"] in train_texts for prompt in sent[0])
+    assert sent[0] == sent[1] and len(rewarded[0]) == 24 and any(rewarded[0])
