@@ -168,3 +168,48 @@ def test_online_rl_refuses_multi_tile_images(model_and_processor, rows):
     check_single_tile(rows.filter(lambda row: row["kind"] != "grounding"), processor)
     with pytest.raises(InputError, match="several processor tiles"):
         check_single_tile(rows, processor)
+
+
+@pytest.mark.slow
+def test_online_rl_trains_on_each_rows_own_images(tmp_path, monkeypatch):
+    """In GRPO's training step on image prompts (1 to 8 images a prompt, rows shuffled by TRL after the adaptive
+    filter merged its groups), the log-probs the loss uses equal each row's own forward with its own images."""
+    from trl import ModelConfig
+
+    from recipes import online_rl
+    from recipes.rl import OnlineRLConfig, OnlineRLTrainer
+    from recipes.validation import run_recipe
+
+    checked = []
+    compute_loss = OnlineRLTrainer.compute_loss
+
+    def checking_compute_loss(self, model, inputs, *args, **kwargs):
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        keep, counts = inputs["completion_ids"].size(1), inputs["num_images"]
+        with torch.no_grad():
+            logps = self._get_per_token_logps_and_entropies(
+                model, ids, mask, keep, pixel_values=inputs["pixel_values"], num_images=counts
+            )[0]
+            starts = torch.tensor([0, *counts]).cumsum(0).tolist()
+            for row in range(ids.size(0)):
+                pixels = inputs["pixel_values"][starts[row] : starts[row + 1]]
+                logits = model(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1], pixel_values=pixels)
+                scores = (logits.logits[0, -keep - 1 : -1].float() / self.temperature).log_softmax(-1)
+                own = scores.gather(-1, ids[row, -keep:, None]).squeeze(-1)
+                done = inputs["completion_mask"][row].bool()
+                torch.testing.assert_close(logps[row][done], own[done], atol=1e-4, rtol=1e-4)
+        checked.append(sorted(set(counts)))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineRLTrainer, "compute_loss", checking_compute_loss)
+    argv = [
+        "--config", "recipes/configs/online_rl_tiny_vision.yaml", "--model_name_or_path", str(TINY),
+        "--from_scratch", "true", "--train_problems", "32", "--heldout_problems", "0",
+        "--per_device_train_batch_size", "16", "--num_generations", "4", "--max_steps", "2",
+        "--max_completion_length", "6", "--temperature", "1.0", "--curriculum_column", "none",
+        "--reward_funcs", "tests.recipe_rewards.digit_share_reward", "--reward_weights", "1.0",
+        "--pass_rate_reward", "digit_share_reward", "--output_dir", str(tmp_path), "--save_strategy", "no",
+    ]  # fmt: skip
+    run_recipe(online_rl.main, (online_rl.OnlineRLScriptArguments, OnlineRLConfig, ModelConfig), argv)
+    assert len(checked) == 2 and any(len(counts) > 1 for counts in checked)  # rows with different image counts
