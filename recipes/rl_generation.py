@@ -81,19 +81,11 @@ def decode_dropping_finished(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     length = prompt_len
     for length in range(prompt_len, width):
-        logits = (
-            base(
-                input_ids=tokens,
-                attention_mask=masks[:, :length],
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                output_router_logits=False,
-            )
-            .logits[:, -1]
-            .float()
-        )  # fmt: skip  (A, V)
+        out = base(
+            input_ids=tokens, attention_mask=masks[:, :length], position_ids=positions, cache=cache,
+            use_cache=True, logits_to_keep=1, output_router_logits=False,
+        )  # fmt: skip
+        logits = out.logits[:, -1].float()  # (A, V): the rows still decoding
         scores = processors(sequences[:, :length], logits)
         if config.do_sample:
             next_tokens = sample_inverse_cdf(scores.softmax(dim=-1))
