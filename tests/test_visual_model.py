@@ -219,8 +219,8 @@ def test_online_rl_trains_on_each_rows_own_images(tmp_path, monkeypatch):
 def test_early_fusion_pretraining_reads_colour_from_the_pixels(tmp_path):
     """The pretraining recipe at its configured learning rate teaches the model to read an image: after 100 steps
     on captions ("A red circle."), the caption with the right colour is the likeliest of the four for held-out
-    images, and for grey images it is not. A rate that collapses the vision tower's features (3e-3 here) leaves
-    this at chance."""
+    images (summed caption log-likelihood: colour words differ in token count), and for grey images it is not. At
+    3e-3 the vision tower's features collapse and colour stays near chance."""
     from trl import ModelConfig, SFTConfig
 
     from eval.visual import COLOURS, visual_caption
@@ -244,7 +244,8 @@ def test_early_fusion_pretraining_reads_colour_from_the_pixels(tmp_path):
         for colour in COLOURS:
             batch = collate([{"text": "<|image|>" + visual_caption({**spec, "colour": colour}), "images": images}])
             with torch.no_grad():
-                losses.append(model(**batch).loss.item())
+                targets = int((batch["labels"][:, 1:] != -100).sum())
+                losses.append(model(**batch).loss.item() * targets)
         return list(COLOURS)[losses.index(min(losses))]
 
     heldout = visual_problems("test", 40, kinds=["colour"], max_images=1)
