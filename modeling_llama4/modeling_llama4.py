@@ -16,6 +16,7 @@ NoPE layers) are transformers' own `create_chunked_causal_mask`, `create_causal_
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,14 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import CompileConfig, GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import can_return_tuple
+from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -51,7 +56,9 @@ from .moe import (
 from .vision import (
     Llama4MultiModalProjector,
     Llama4UnfoldConvolution,
+    Llama4VisionAttention,
     Llama4VisionEncoder,
+    Llama4VisionEncoderLayer,
     Llama4VisionPixelShuffleMLP,
     Llama4VisionRotaryEmbedding,
 )
@@ -475,12 +482,15 @@ class Llama4TextModel(Llama4PreTrainedModel):
         attention_mask: torch.Tensor | dict | None,
         position_ids: torch.Tensor,
         cache: Cache | None,
+        output_attentions: bool = False,
     ) -> bool:
         """Whether chunked layers can run each chunk as its own batch row: a fresh, unpadded, unpacked
-        sequence longer than one chunk (training, or a generation prefill without padding)."""
+        sequence longer than one chunk (training, or a generation prefill without padding). Not when attention
+        weights are returned: they are (B, heads, S, S) under the chunk mask, as the built-in returns them."""
         chunk = self.config.attention_chunk_size
         return (
             chunk is not None
+            and not output_attentions
             and inputs_embeds.shape[1] > chunk
             and self.config._attn_implementation in ("sdpa", "eager")
             and not isinstance(attention_mask, dict)
@@ -520,7 +530,10 @@ class Llama4TextModel(Llama4PreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # (1, S)
 
-        attend_by_chunks = self._can_attend_by_chunks(inputs_embeds, attention_mask, position_ids, cache)
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        attend_by_chunks = self._can_attend_by_chunks(
+            inputs_embeds, attention_mask, position_ids, cache, output_attentions=bool(output_attentions)
+        )
         if not isinstance(masks := attention_mask, dict):  # generate() may pass them prepared
             mask_args = (self.config, inputs_embeds, attention_mask, cache, position_ids)
             masks = {
@@ -553,6 +566,29 @@ class Llama4CausalLMOutput(MoeCausalLMOutputWithPast):
     """`MoeCausalLMOutputWithPast` plus the router z-loss. `aux_loss` is the unweighted load-balancing loss."""
 
     z_loss: torch.FloatTensor | None = None
+
+
+def _nested_to_tuple(output: ModelOutput) -> tuple:
+    return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in output.values())
+
+
+@dataclass
+class Llama4MultimodalModelOutput(MoeModelOutputWithPast):
+    """The text decoder's outputs plus the vision tower's (`image_outputs`, None without images)."""
+
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+    to_tuple = _nested_to_tuple
+
+
+@dataclass
+class Llama4MultimodalCausalLMOutput(Llama4CausalLMOutput):
+    """`Llama4CausalLMOutput` plus the vision tower's outputs (`image_outputs.pooler_output`: the projected image
+    features, (N tiles, tokens_per_tile, hidden_size)), as transformers' multimodal outputs carry them."""
+
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+    to_tuple = _nested_to_tuple
 
 
 def add_router_losses(
@@ -698,8 +734,14 @@ class Llama4VisionModel(Llama4PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.patch_embedding
 
-    @can_return_tuple
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
+    # hidden_states: the encoder's input and each layer's output (before layernorm_post), as the built-in returns
+    _can_record_outputs = {
+        "hidden_states": Llama4VisionEncoderLayer,
+        "attentions": OutputRecorder(Llama4VisionAttention, index=1),
+    }
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} pixels but this vision config expects "
@@ -711,7 +753,7 @@ class Llama4VisionModel(Llama4PreTrainedModel):
         hidden_states = torch.cat([patches, class_token], dim=1) + self.positional_embedding_vlm  # (N, P+1, D)
         hidden_states = self.model(self.layernorm_pre(hidden_states), self.rotary_embedding(hidden_states))
         hidden_states = self.layernorm_post(hidden_states)[:, :-1]  # drop the class token: (N, P, D)
-        return BaseModelOutput(last_hidden_state=self.vision_adapter(hidden_states))  # (N, P * ratio^2, out)
+        return BaseModelOutputWithPooling(last_hidden_state=self.vision_adapter(hidden_states))  # (N, P*ratio^2, out)
 
 
 class Llama4MultimodalBackbone(Llama4PreTrainedModel):
@@ -749,10 +791,13 @@ class Llama4MultimodalBackbone(Llama4PreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
-        """(N tiles, 3, S, S) -> the vision tower's output, `last_hidden_state` (N, tokens_per_tile, vision_output_dim),
-        before the projector (as the built-in)."""
-        return self.vision_model(pixel_values, **kwargs)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """(N tiles, 3, S, S) -> the vision tower's output: `last_hidden_state` (N, tokens_per_tile, vision_output_dim)
+        before the projector (as the built-in), and `pooler_output` (N, tokens_per_tile, hidden_size), the projected
+        features the text model receives (transformers' multimodal convention)."""
+        image_outputs = self.vision_model(pixel_values, **kwargs)
+        image_outputs.pooler_output = self.multi_modal_projector(image_outputs.last_hidden_state)
+        return image_outputs
 
     def fuse_images(
         self,
@@ -760,8 +805,10 @@ class Llama4MultimodalBackbone(Llama4PreTrainedModel):
         inputs_embeds: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         cache: Cache | None,
-    ) -> torch.Tensor:
-        """Token embeddings (B, S, H) with image features scattered into the `<|patch|>` positions."""
+        **vision_kwargs,
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling | None]:
+        """Token embeddings (B, S, H) with image features scattered into the `<|patch|>` positions, and the vision
+        tower's output (None without images)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
@@ -769,12 +816,15 @@ class Llama4MultimodalBackbone(Llama4PreTrainedModel):
         image_token_id = self.config.image_token_id
         if pixel_values is None:
             prefill = cache is None or cache.get_seq_length() == 0
+            # A warning, not an error: transformers' own model tests (and text-only uses of a multimodal
+            # checkpoint) run image-token ids as plain tokens, as the built-in does.
             if input_ids is not None and prefill and (count := int((input_ids == image_token_id).sum())) > 0:
-                raise ValueError(
-                    f"The prompt has {count} image tokens (<|patch|>, id {image_token_id}) "
-                    "but no pixel_values were given. Pass the pixel_values from the same Llama4Processor call."
+                warnings.warn(
+                    f"The prompt has {count} image tokens (<|patch|>, id {image_token_id}) but no pixel_values were "
+                    "given, so they are read as text tokens. Pass the pixel_values from the same Llama4Processor call.",
+                    stacklevel=2,
                 )
-            return inputs_embeds
+            return inputs_embeds, None
         if input_ids is not None:
             is_image_token = input_ids == image_token_id  # (B, S)
         else:
@@ -789,16 +839,18 @@ class Llama4MultimodalBackbone(Llama4PreTrainedModel):
                 f"image features) but the prompt has 0 image tokens (<|patch|>, id {image_token_id}). Build prompts "
                 "with Llama4Processor or apply_chat_template with an image entry, which insert the tokens."
             )
-        features = self.get_image_features(pixel_values).last_hidden_state  # (N, tokens_per_tile, vision_out)
-        image_features = self.multi_modal_projector(features.reshape(-1, features.shape[-1]))  # (N * tokens, H)
-        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        image_outputs = self.get_image_features(pixel_values, **vision_kwargs)
+        image_features = image_outputs.pooler_output  # (N, tokens_per_tile, H)
+        image_features = image_features.reshape(-1, image_features.shape[-1]).to(
+            inputs_embeds.device, inputs_embeds.dtype
+        )
         if num_image_tokens != image_features.shape[0]:
             raise ValueError(
                 f"The prompt has {num_image_tokens} image tokens (<|patch|>, id {image_token_id}) but the images give "
                 f"{image_features.shape[0]} features ({pixel_values.shape[0]} tiles x {tokens_per_tile}). Pass the "
                 "pixel_values and input_ids from the same Llama4Processor call."
             )
-        return inputs_embeds.masked_scatter(is_image_token.unsqueeze(-1), image_features)
+        return inputs_embeds.masked_scatter(is_image_token.unsqueeze(-1), image_features), image_outputs
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -812,9 +864,10 @@ class Llama4MultimodalBackbone(Llama4PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
-        inputs_embeds = self.fuse_images(input_ids, inputs_embeds, pixel_values, cache)
-        return self.language_model(
+    ) -> Llama4MultimodalModelOutput:
+        vision_kwargs = {key: kwargs[key] for key in ("output_attentions", "output_hidden_states") if key in kwargs}
+        inputs_embeds, image_outputs = self.fuse_images(input_ids, inputs_embeds, pixel_values, cache, **vision_kwargs)
+        outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -822,6 +875,7 @@ class Llama4MultimodalBackbone(Llama4PreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
+        return Llama4MultimodalModelOutput(**outputs, image_outputs=image_outputs)
 
 
 class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
@@ -864,8 +918,9 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
     def set_decoder(self, decoder: nn.Module) -> None:
         self.language_model.set_decoder(decoder)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
-        """The vision tower's output for (N tiles, 3, S, S), as the built-in (`return_dict=False`: a tuple)."""
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """The vision tower's output for (N tiles, 3, S, S), as the built-in (`return_dict=False`: a tuple); the
+        projected features in `pooler_output`."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
@@ -883,7 +938,7 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool | None = None,
         **kwargs,
-    ) -> Llama4CausalLMOutput:
+    ) -> Llama4MultimodalCausalLMOutput:
         if output_router_logits is None:
             output_router_logits = self.config.text_config.output_router_logits
         outputs = self.model(
@@ -897,7 +952,8 @@ class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
             output_router_logits=output_router_logits,
             **kwargs,
         )
-        return self.language_model.logits_and_losses(outputs, labels, attention_mask, logits_to_keep, **kwargs)
+        text_outputs = self.language_model.logits_and_losses(outputs, labels, attention_mask, logits_to_keep, **kwargs)
+        return Llama4MultimodalCausalLMOutput(**text_outputs, image_outputs=outputs.image_outputs)
 
 
 __all__ = [

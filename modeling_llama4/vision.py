@@ -62,6 +62,8 @@ class Llama4VisionRotaryEmbedding(nn.Module):
             device = fn(torch.empty(0, device=table.device)).device
         finally:
             self._buffers["freqs_ci"] = table
+        if table.is_meta and device.type != "meta":  # `to_empty` after a meta-device build: recompute the table
+            table = self._compute_freqs_ci(self.config)
         self._buffers["freqs_ci"] = table.to(device)
         return self
 
@@ -114,7 +116,7 @@ class Llama4VisionAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=True)
 
-    def forward(self, hidden_states: torch.Tensor, freqs_ci: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, freqs_ci: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]  # (N, P+1)
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape)
@@ -124,7 +126,7 @@ class Llama4VisionAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, vision_eager_attention_forward
         )
-        attn_output, _ = attention_interface(
+        attn_output, attn_weights = attention_interface(
             self,
             query.transpose(1, 2),
             key.transpose(1, 2),
@@ -133,8 +135,8 @@ class Llama4VisionAttention(nn.Module):
             dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=None,
             is_causal=False,
-        )
-        return self.o_proj(attn_output.reshape(*input_shape, -1))
+        )  # (N, P+1, heads, D), (N, heads, P+1, P+1) or None
+        return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
 
 
 class Llama4VisionMLP(nn.Module):
@@ -157,7 +159,7 @@ class Llama4VisionEncoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor, freqs_ci: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), freqs_ci)
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), freqs_ci)[0]
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel
 
 from modeling_llama4 import (
@@ -99,9 +99,86 @@ def test_get_image_features_returns_the_builtins_model_output(multimodal):
         ours = multimodal.get_image_features(pixel_values)
         ours_tuple = multimodal.get_image_features(pixel_values, return_dict=False)
         expected = builtin.get_image_features(pixel_values=pixel_values, return_dict=True).last_hidden_state
-    assert isinstance(ours, BaseModelOutput) and isinstance(ours_tuple, tuple)
+    assert isinstance(ours, BaseModelOutputWithPooling) and isinstance(ours_tuple, tuple)  # as the built-in
     torch.testing.assert_close(ours.last_hidden_state, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours_tuple[0], expected)
+
+
+def test_vision_hidden_states_and_attentions_match_the_builtin(multimodal):
+    builtin = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config.from_pretrained(TINY)).eval()
+    builtin.load_state_dict(multimodal.state_dict())
+    for model in (builtin, multimodal):
+        model.set_attn_implementation("eager")  # attention weights come from the eager kernel only
+    size = multimodal.config.vision_config.image_size
+    pixel_values = torch.randn(2, 3, size, size)
+    requested = {"output_hidden_states": True, "output_attentions": True}
+    try:
+        with torch.no_grad():
+            ours = multimodal.get_image_features(pixel_values, **requested)
+            expected = builtin.get_image_features(pixel_values=pixel_values, return_dict=True, **requested)
+            # What the text model receives: the projected features, transformers' `pooler_output` convention
+            projected = builtin.multi_modal_projector(expected.last_hidden_state)
+    finally:
+        multimodal.set_attn_implementation("sdpa")
+    assert isinstance(ours, BaseModelOutputWithPooling)
+    layers = multimodal.config.vision_config.num_hidden_layers
+    assert len(ours.hidden_states) == len(expected.hidden_states) == layers + 1
+    assert len(ours.attentions) == layers and ours.attentions[0].shape == (2, 4, 17, 17)  # heads, patches + class
+    for got, want in zip(ours.hidden_states + ours.attentions, expected.hidden_states + expected.attentions):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.pooler_output, projected, atol=1e-5, rtol=1e-5)
+
+
+def test_multimodal_forward_returns_the_image_outputs(multimodal):
+    config = multimodal.config
+    tokens = int((config.vision_config.image_size // config.vision_config.patch_size) ** 2 / 4)
+    input_ids = _token_ids(multimodal, (2, 3 + tokens))
+    input_ids[:, 1 : 1 + tokens] = config.image_token_id
+    size = config.vision_config.image_size
+    pixel_values = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out = multimodal(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True)
+        as_tuple = multimodal(input_ids=input_ids, pixel_values=pixel_values, return_dict=False)
+        text_only = multimodal(input_ids=input_ids[:, tokens + 1 :])
+    image_outputs = out.image_outputs
+    assert image_outputs.pooler_output.shape == (2, tokens, config.text_config.hidden_size)
+    assert len(image_outputs.hidden_states) == config.vision_config.num_hidden_layers + 1
+    assert len(out.hidden_states) == config.text_config.num_hidden_layers + 1  # the text model's, unchanged
+    assert text_only.image_outputs is None
+    torch.testing.assert_close(as_tuple[0], out.logits)
+    torch.testing.assert_close(as_tuple[-1][0], image_outputs.last_hidden_state)  # nested outputs are tuples too
+
+
+def test_attention_weights_over_chunks_match_the_builtin(tmp_path):
+    # A prompt longer than one chunk takes our chunks-as-batch-rows path; returned weights are (B, heads, S, S).
+    torch.manual_seed(0)
+    config = Llama4TextConfig(**tiny_text_kwargs(attn_implementation="eager"))
+    ours = Llama4ForCausalLM(config).eval()
+    ours.save_pretrained(tmp_path)
+    builtin = transformers.Llama4ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    length = 2 * config.attention_chunk_size + 5
+    input_ids = _token_ids(ours, (2, length))
+    with torch.no_grad():
+        got = ours(input_ids=input_ids, output_attentions=True)
+        want = builtin(input_ids=input_ids, output_attentions=True)
+        plain = ours(input_ids=input_ids)
+    assert len(got.attentions) == config.num_hidden_layers
+    for layer, (ours_weights, builtin_weights) in enumerate(zip(got.attentions, want.attentions)):
+        assert ours_weights.shape == (2, config.num_attention_heads, length, length), layer
+        torch.testing.assert_close(ours_weights, builtin_weights, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.logits, plain.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_meta_device_build_materialises_with_to_empty():
+    config = Llama4Config.from_pretrained(TINY)
+    with torch.device("meta"):
+        model = Llama4ForConditionalGeneration(config)
+    model.to_empty(device="cpu")
+    table = model.vision_model.rotary_embedding.freqs_ci
+    assert table.device.type == "cpu" and table.is_complex()
+    torch.testing.assert_close(
+        table, type(model.vision_model.rotary_embedding)._compute_freqs_ci(config.vision_config)
+    )
 
 
 def test_multimodal_backbone_is_one_pretrained_submodel_and_keys_stay_official(multimodal, tmp_path):
