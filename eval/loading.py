@@ -60,6 +60,16 @@ def check_model_path(path: str | os.PathLike, flag: str = "--model_name_or_path"
         raise InputError(f"{flag}: no such directory {text!r}; {HUB_ID_HINT}")
 
 
+def check_has_weights(path: str | os.PathLike, flag: str = "--model_name_or_path", fix: str | None = None) -> None:
+    """Refuse a local model directory that holds a config but no weights (a config directory such as
+    hub_configs/tiny, or a run that never saved), which transformers reports as a missing file."""
+    local = Path(str(path)).expanduser()
+    if not local.is_dir() or any(any(local.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.index.json")):
+        return
+    fix = fix or "give the directory a trained model was saved to (e.g. by recipes/pretrain.py)"
+    raise InputError(f"{flag} {str(path)!r} holds a config.json but no weights (no model.safetensors): {fix}")
+
+
 def torch_dtype(dtype: Any) -> Any:
     """None and "auto" as they are (transformers' default, the checkpoint's own), "bfloat16" -> torch.bfloat16, a
     torch.dtype as is."""
@@ -148,6 +158,7 @@ def load_causal_lm(
     if from_scratch:
         model = Llama4ForCausalLM(text_config)
         return model.to(dtype) if dtype not in (None, "auto") else model
+    check_has_weights(path, flag)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if is_llama4:
@@ -227,6 +238,7 @@ def load_multimodal(
     if from_scratch:
         model = Llama4ForConditionalGeneration(config)
         return (model.to(dtype) if dtype not in (None, "auto") else model), processor
+    check_has_weights(path, flag)
     if dtype is not None:
         kwargs["dtype"] = dtype
     return Llama4ForConditionalGeneration.from_pretrained(path, config=config, **kwargs), processor

@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from modeling_llama4.fingerprint import weights_fingerprint
+from modeling_llama4.fingerprint import prompting_fingerprint, weights_fingerprint
 
 from .files import atomic_path, write_json_atomic, write_text_atomic
 from .generation import generate_completions
@@ -149,6 +149,7 @@ def evaluate_task(
     settings = {
         # The weights, not the --model string: a checkpoint retrained at the same path must be regenerated.
         "model": weights_fingerprint(model),
+        "prompting": prompting_fingerprint(tokenizer, model),  # a fixed chat template regenerates
         "max_new_tokens": max_new_tokens or task.max_new_tokens,
         "num_samples": num_samples,
         "temperature": temperature,
@@ -279,6 +280,17 @@ def positive_int(text: str) -> int:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The checks argparse types cannot do alone; each failure exits through `parser.error` naming the flag."""
+    import torch
+
+    for flag, device in (("--device", args.device), ("--device_map", args.device_map)):
+        if device in (None, "auto", "balanced", "balanced_low_0", "sequential"):  # accelerate's placement rules
+            continue
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            parser.error(f"{flag} {device!r}: not a torch device; use cpu, cuda, cuda:1, mps, ...")
+        if kind == "cuda" and not torch.cuda.is_available():
+            parser.error(f"{flag} {device!r}: this machine has no CUDA GPU (torch {torch.__version__}); use cpu")
     if args.temperature is not None and args.temperature < 0:
         parser.error(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
     if not 0 < args.top_p <= 1:
@@ -358,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     # Created by the first file written into it, so a failed start leaves no empty directory behind.
     output_dir = args.output_dir or Path("outputs") / "eval" / Path(args.model.rstrip("/")).name
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"error: --output_dir {str(output_dir)!r} is a file; give a directory for the results")
 
     # Data first: a missing dataset should fail in seconds, not after loading a 100B-parameter model.
     try:

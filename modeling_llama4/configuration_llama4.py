@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from huggingface_hub.errors import StrictDataclassFieldValidationError
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama4.configuration_llama4 import Llama4Config as _BuiltinLlama4Config
 from transformers.models.llama4.configuration_llama4 import Llama4TextConfig as _BuiltinLlama4TextConfig
@@ -144,6 +144,18 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
             )
         if self.floor_scale <= 0:
             fail(f"floor_scale={self.floor_scale} must be positive", "The released models use 8192.")
+        unusable = sorted(set(self.layer_types or []) - {"full_attention", "chunked_attention"})
+        if unusable:
+            fail(
+                f"layer_types has {unusable}",
+                "Llama 4 layers attend globally ('full_attention', the NoPE layers) or within chunks "
+                "('chunked_attention'); leave layer_types unset to derive it from no_rope_layers.",
+            )
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            fail(
+                f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size={self.vocab_size})",
+                "Use a token id below vocab_size, or null.",
+            )
 
     @property
     def num_experts(self) -> int:
@@ -163,6 +175,8 @@ def _readable_field_errors(config_name: str) -> Iterator[None]:
             f"Invalid {config_name}: {name}: {error.__cause__}. Give {name} a value of the type it expects, in "
             f'config.json or as a keyword argument (a number is written without quotes, e.g. "hidden_size": 64).'
         ) from error
+    except StrictDataclassClassValidationError as error:  # a multi-line dump around the validator's own message
+        raise ValueError(f"Invalid {config_name}: {error.__cause__ or error}") from error
 
 
 class Llama4VisionConfig(_BuiltinLlama4VisionConfig):

@@ -12,7 +12,7 @@ import json
 import torch
 from torch import nn
 
-__all__ = ["weights_fingerprint"]
+__all__ = ["prompting_fingerprint", "weights_fingerprint"]
 
 # Where it came from and how it was loaded, not what it computes (tensor dtypes are hashed with the tensors).
 _CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "architectures", "auto_map", "dtype", "torch_dtype")
@@ -38,3 +38,18 @@ def weights_fingerprint(model: nn.Module) -> str:
         flat = flat.float() if not flat.is_complex() else torch.view_as_real(flat).float().flatten()
         digest.update(f"{flat[:64].cpu().tolist()}{flat.double().sum().item():.6e}".encode())
     return digest.hexdigest()[:16]
+
+
+def prompting_fingerprint(tokenizer, model: nn.Module | None = None) -> str:
+    """A 16-hex-digit hash of what turns the same messages into other prompts or stops generation elsewhere: the
+    chat template, the special tokens and the model's generation config. `tokenizer` may be a processor."""
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    fields = {
+        "chat_template": getattr(tokenizer, "chat_template", None) or getattr(inner, "chat_template", None),
+        "special_tokens": {k: str(v) for k, v in sorted((getattr(inner, "special_tokens_map", None) or {}).items())},
+        "generation_config": None,
+    }
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        fields["generation_config"] = generation_config.to_json_string(use_diff=False)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]

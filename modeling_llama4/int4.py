@@ -24,6 +24,7 @@ transformers would still reject a `quantization_config` it cannot resolve.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -420,7 +421,12 @@ class Int4Config(QuantizationConfigMixin):
                 f"Int4Config got unknown settings {sorted(kwargs)}; it takes group_size and modules_to_not_convert."
             )
         self.quant_method = QUANT_METHOD
+        whole = isinstance(group_size, int) or (isinstance(group_size, str) and group_size.strip().isdigit())
+        if isinstance(group_size, bool) or not whole:
+            raise ValueError(f"Int4Config(group_size={group_size!r}): give a whole number, e.g. 128.")
         self.group_size = int(group_size)
+        if isinstance(modules_to_not_convert, str):  # one name, not its characters
+            modules_to_not_convert = [modules_to_not_convert]
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         if self.group_size <= 0 or self.group_size % 2:
             raise ValueError(f"Int4Config(group_size={group_size}): the group size must be a positive even number.")
@@ -434,7 +440,14 @@ class Int4Config(QuantizationConfigMixin):
 
 
 def _skipped(name: str, config: Int4Config) -> bool:
-    return any(name == skip or name.endswith("." + skip) for skip in config.modules_to_not_convert or [])
+    """Whether `name` or a module containing it (e.g. "layers.0.feed_forward" for its experts) is kept in float."""
+    parts = name.split(".")
+    scopes = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    return any(_skipped_anywhere(skip, scopes) for skip in config.modules_to_not_convert or [])
+
+
+def _skipped_anywhere(skip: str, names: list[str]) -> bool:
+    return any(name == skip or name.endswith("." + skip) for name in names)
 
 
 def replace_with_int4_modules(model: nn.Module, config: Int4Config, quantize_weights: bool) -> int:
@@ -447,6 +460,14 @@ def replace_with_int4_modules(model: nn.Module, config: Int4Config, quantize_wei
         for name, module in model.named_modules()
         if _float_kind(module) is not None and not _skipped(name, config)
     ]
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [skip for skip in config.modules_to_not_convert or [] if not _skipped_anywhere(skip, names)]
+    if unmatched:
+        warnings.warn(
+            f"Int4Config(modules_to_not_convert={unmatched}) names no module of this model, so nothing is kept in "
+            "full precision for them; names match module paths by suffix, e.g. 'layers.0.feed_forward'.",
+            stacklevel=2,
+        )
     for name, module in targets:  # every shape first: a bad group size must not leave a half-swapped model
         if _float_kind(module) == "experts":
             check_group_size(module.hidden_size, config.group_size, f"{name}.gate_up_proj (hidden_size)")

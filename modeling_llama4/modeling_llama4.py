@@ -420,7 +420,15 @@ class Llama4PreTrainedModel(PreTrainedModel):
                 "too, the file in the repo itself is damaged and must be re-uploaded."
             ) from error
         except OSError as error:
-            if ".safetensors" in str(error) and "model.safetensors.index.json" not in str(error):
+            local = Path(str(pretrained_model_name_or_path)).expanduser()
+            if local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+                raise OSError(
+                    f"{pretrained_model_name_or_path} holds no weights (no model.safetensors). To build a fresh "
+                    f"model from its config.json: {cls.__name__}({cls.config_class.__name__}.from_pretrained(path)); "
+                    "otherwise give the directory a trained model was saved to."
+                ) from error
+            listed = not local.is_dir() or (local / "model.safetensors.index.json").is_file()
+            if listed and ".safetensors" in str(error) and "model.safetensors.index.json" not in str(error):
                 raise OSError(
                     f"{pretrained_model_name_or_path} is missing a weight shard listed in its "
                     f"model.safetensors.index.json ({error}). The upload is incomplete: push every shard again."
@@ -742,6 +750,18 @@ class Llama4VisionModel(Llama4PreTrainedModel):
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        channels = self.config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; the vision tower takes (tiles, {channels}, "
+                f"{self.image_size}, {self.image_size}), as Llama4Processor returns them (a single image: add a "
+                "leading dimension; grey images: convert to RGB)."
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values are {pixel_values.dtype} (raw pixel values?): the vision tower takes rescaled, "
+                "normalised floats; preprocess images with Llama4Processor / Llama4ImageProcessor."
+            )
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} pixels but this vision config expects "

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
 from recipes.common import (
     TaskArguments,
@@ -29,6 +29,7 @@ from recipes.common import (
     finish_recipe,
     load_model,
     model_and_tokenizer,
+    peft_config_for,
     task_datasets,
     train_resumably,
 )
@@ -100,7 +101,7 @@ def main(
         args=training_args,
         train_dataset=train,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config_for(model_args, model),
     )
     train_resumably(trainer, training_args)
     return finish_recipe(trainer, tokenizer, heldout, script_args, training_args, "codistillation")

@@ -4,6 +4,7 @@ training with crash-safe resume and a one-commit Hub push."""
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import re
@@ -194,13 +195,30 @@ def load_tokenizer(path: str, flag: str = "--tokenizer_name_or_path"):
     return _load_tokenizer(path, flag)
 
 
+# `--use_peft` without targets: PEFT has no defaults for Llama 4 (it raises). Attention, the shared expert and
+# dense MLPs by name; the routed experts through `target_parameters` (int4 models: their `experts` module).
+DEFAULT_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EXPERT_LORA_PARAMETERS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+
+
 def peft_config_for(model_args, model: PreTrainedModel):
-    """TRL's `get_peft_config(model_args)`, fitted to an int4 model (`--load_in_int4`): its LoRA layers."""
+    """TRL's `get_peft_config(model_args)` with Llama 4 targets when none are given, fitted to an int4 model
+    (`--load_in_int4`): its LoRA layers."""
     from trl import get_peft_config
 
+    from modeling_llama4.int4 import Int4TextExperts
     from modeling_llama4.int4_lora import lora_config_for_model
 
-    return lora_config_for_model(get_peft_config(model_args), model)
+    config = get_peft_config(model_args)
+    if config is not None and not config.target_modules and not config.target_parameters:
+        config.target_modules = list(DEFAULT_LORA_MODULES)
+        int4 = any(isinstance(module, Int4TextExperts) for module in model.modules())
+        if int4 or not config.lora_dropout:
+            config.target_parameters = list(EXPERT_LORA_PARAMETERS)
+        else:  # PEFT's adapters on parameters refuse dropout
+            print(f"LoRA: routed experts left out (PEFT adapts them only with --lora_dropout 0, not "
+                  f"{config.lora_dropout}); attention, shared expert and dense MLPs adapted")  # fmt: skip
+    return lora_config_for_model(config, model)
 
 
 def prepare_run(model_args, task_args: TaskArguments, training_args) -> None:
@@ -389,18 +407,37 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
-    done = [
-        path
-        for path in folder.glob("checkpoint-*")
-        if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()
-    ]
+    done = [path for path in folder.glob("checkpoint-*") if path.name.split("-")[-1].isdigit() and _complete(path)]
     return str(max(done, key=lambda path: int(path.name.split("-")[-1]))) if done else None
+
+
+# What holds a checkpoint's weights: safetensors / torch files, or FSDP's and DeepSpeed's folders.
+_CHECKPOINT_WEIGHTS = ("*.safetensors", "*.bin", "pytorch_model_fsdp*", "global_step*")
+
+
+def _complete(checkpoint: Path) -> bool:
+    """A readable `trainer_state.json` (written last), weights, and safetensors headers that parse: a checkpoint
+    damaged after the fact (truncated or deleted files) is passed over for an older complete one."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        if not any(any(checkpoint.glob(pattern)) for pattern in _CHECKPOINT_WEIGHTS):
+            return False
+        for file in checkpoint.glob("*.safetensors"):
+            with safe_open(str(file), "pt"):
+                pass
+    except Exception:  # missing, unreadable or truncated: not a checkpoint to resume from
+        return False
+    return True
 
 
 def train_resumably(trainer, training_args) -> None:
     """`trainer.train()`, resuming from `--resume_from_checkpoint` or else the last complete checkpoint in
     `output_dir`, so re-running a killed command picks up where it stopped."""
-    resume = training_args.resume_from_checkpoint or last_complete_checkpoint(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is None or str(resume).lower() == "true":  # "true": the last complete one, as a re-run picks
+        resume = last_complete_checkpoint(training_args.output_dir)
     if resume:
         print(f"resuming from {resume}")
     trainer.add_callback(ReadableCheckpoints())

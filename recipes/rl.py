@@ -35,6 +35,7 @@ regenerates on resume. Fractional `save_steps` and `save_strategy: epoch` are no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -334,6 +335,15 @@ class OnlineRLTrainer(GRPOTrainer):
             )
         self.prompt_stats = PromptStats(len(train_dataset))
         column = config.curriculum_column
+        if column and column not in train_dataset.column_names:
+            default = next(f.default for f in dataclasses.fields(OnlineRLConfig) if f.name == "curriculum_column")
+            if column != default:  # named on purpose: a typo must not silently turn the curriculum off
+                raise InputError(
+                    f"--curriculum_column {column!r}: the train set has no such column (it has "
+                    f"{train_dataset.column_names}); name a numeric difficulty column, or pass --curriculum_column '' "
+                    "for no curriculum"
+                )
+            print(f"online RL: no curriculum (the train set has no {column!r} column)")
         self._difficulty = (
             torch.tensor(train_dataset[column], dtype=torch.float64)
             if column and column in train_dataset.column_names

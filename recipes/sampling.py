@@ -21,7 +21,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from eval.generation import generate_completions
-from modeling_llama4.fingerprint import weights_fingerprint
+from modeling_llama4.fingerprint import prompting_fingerprint, weights_fingerprint
 
 from .common import write_json_atomic
 
@@ -54,6 +54,7 @@ def cached_samples(
     list of PIL images per prompt) `tokenizer` is the processor, and the cache keys on the pixels too."""
     settings = {
         "model": weights_fingerprint(model),
+        "prompting": prompting_fingerprint(tokenizer, model),  # a fixed chat template regenerates
         "num_samples": num_samples,
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,

@@ -10,8 +10,10 @@ without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -23,7 +25,7 @@ from datasets import Dataset, load_dataset
 from trl import DPOConfig, TrlParser
 
 from eval.files import write_json_atomic
-from eval.loading import InputError, check_model_path
+from eval.loading import InputError, check_has_weights, check_model_path
 
 from .synthetic import LANGUAGES, LEVELS
 
@@ -108,10 +110,30 @@ def merge_mapping_flags(argv: Sequence[str]) -> list[str]:
     return argv
 
 
+def _unknown_argument_error(message: str, dataclass_types: Sequence[type]) -> InputError:
+    """TRL's / HfArgumentParser's unknown-argument error as one line, with the closest valid name for each."""
+    known = sorted({f.name for cls in dataclass_types for f in dataclasses.fields(cls)})
+    given = re.findall(r"'--?([A-Za-z0-9_.\-]+)'", message.split(":", 1)[-1])
+    hints = []
+    for name in dict.fromkeys(given):
+        close = difflib.get_close_matches(name.replace("-", "_"), known, n=1, cutoff=0.6)
+        hints.append(f"--{name}" + (f" (did you mean --{close[0]}?)" if close else ""))
+    where = "in the --config file" if "config file" in message else "on the command line"
+    return InputError(f"unknown argument {where}: {', '.join(hints) or message}; `--help` lists every argument")
+
+
 def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
-    """`TrlParser(dataclass_types).parse_args_and_config(argv)` with the config-override mappings merged."""
+    """`TrlParser(dataclass_types).parse_args_and_config(argv)` with the config-override mappings merged; an
+    unknown name or a value a config class refuses (its own checks, e.g. GRPO's batch divisibility) becomes an
+    `InputError`."""
     argv = merge_mapping_flags(sys.argv[1:] if argv is None else argv)
-    return TrlParser(tuple(dataclass_types)).parse_args_and_config(argv)
+    try:
+        return TrlParser(tuple(dataclass_types)).parse_args_and_config(argv)
+    except ValueError as error:
+        message = str(error)
+        if "Unknown arguments" in message or "arguments are not used" in message:
+            raise _unknown_argument_error(message, dataclass_types) from None
+        raise InputError(message.strip().splitlines()[0] if message.strip() else repr(error)) from None
 
 
 def run_recipe(main: Callable, dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> Any:
@@ -133,8 +155,16 @@ def _at_least(args: Any, name: str, low: int) -> None:
         raise InputError(f"--{name} {value}: must be at least {low}")
 
 
+# List-valued script arguments a YAML may give as a single scalar.
+LIST_ARGUMENTS = ("languages", "levels", "capabilities", "reward_funcs")
+
+
 def check_arguments(script_args: Any, training_args: Any = None, model_args: Any = None) -> None:
     """Every check that needs no model and no data download; raises `InputError`."""
+    for name in LIST_ARGUMENTS:  # `levels: 1` / `languages: en` in a YAML: one item, not its characters
+        value = getattr(script_args, name, None)
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            setattr(script_args, name, [value])
     if not script_args.dataset_name:
         _at_least(script_args, "train_problems", 1)
         unknown = sorted(set(script_args.languages) - set(LANGUAGES))
@@ -183,10 +213,55 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
             "--load_in_int4 true trains LoRA adapters over the int4 experts (QLoRA): add --use_peft true; "
             "the int4 weights themselves are not trainable"
         )
+    output_dir = getattr(training_args, "output_dir", None)
+    if output_dir and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise InputError(f"--output_dir {output_dir!r} is a file; give a directory for the run")
+    _check_training_numbers(training_args, model_args, getattr(script_args, "reward_funcs", None))
+    resume = getattr(training_args, "resume_from_checkpoint", None)
+    if resume and str(resume).lower() != "true" and not Path(resume).expanduser().is_dir():
+        raise InputError(
+            f"--resume_from_checkpoint {resume!r}: no such checkpoint directory; give a checkpoint-N directory, or "
+            "leave the flag out: a re-run resumes from the last complete checkpoint in --output_dir by itself"
+        )
     if isinstance(training_args, DPOConfig):
         unknown = [loss for loss in training_args.loss_type or [] if loss not in DPO_LOSS_TYPES]
         if unknown:
             raise InputError(f"--loss_type {unknown}: DPO has no such loss; choose from {list(DPO_LOSS_TYPES)}")
+    if model_path and not getattr(script_args, "from_scratch", False):  # last: the other mistakes first
+        check_has_weights(model_path, "--model_name_or_path", "add --from_scratch true to train a fresh model "
+                          "built from it, or give the directory a trained model was saved to")  # fmt: skip
+
+
+def _whole_at_least(args: Any, name: str, low: int) -> None:
+    value = getattr(args, name, None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise InputError(f"--{name} {value!r}: give a whole number of at least {low}")
+
+
+def _check_training_numbers(training_args: Any, model_args: Any, rewards: list[str] | None = None) -> None:
+    """Values the Trainer, TRL or torch would refuse only after the model is built (or accept and misuse)."""
+    if training_args is not None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _whole_at_least(training_args, name, 1)
+        for name in ("max_length", "max_completion_length", "max_prompt_length"):
+            if getattr(training_args, name, None) is not None:
+                _whole_at_least(training_args, name, 1)
+        rate = getattr(training_args, "learning_rate", None)
+        if rate is not None and not (isinstance(rate, (int, float)) and 0 < rate < float("inf")):
+            raise InputError(f"--learning_rate {rate!r}: give a positive number, e.g. 1e-5 (0 trains nothing)")
+        if getattr(training_args, "max_steps", None) == 0:
+            raise InputError("--max_steps 0: transformers would still train one step; give a positive number of "
+                             "steps, or -1 to train for --num_train_epochs")  # fmt: skip
+        temperature = getattr(training_args, "temperature", None)
+        if temperature is not None and not temperature > 0:
+            raise InputError(f"--temperature {temperature!r}: sampling needs a temperature above 0, e.g. 1.0")
+        if hasattr(training_args, "num_generations") and getattr(training_args, "num_generations", None) is not None:
+            _whole_at_least(training_args, "num_generations", 2)  # group-relative advantages need two or more
+        weights = getattr(training_args, "reward_weights", None)
+        if weights and rewards and len(weights) != len(rewards):
+            raise InputError(f"--reward_weights {weights}: give one weight per reward in --reward_funcs {rewards}")
+    if model_args is not None and getattr(model_args, "use_peft", False):
+        _whole_at_least(model_args, "lora_r", 1)
 
 
 def _check_json_lines(path: Path) -> None:
@@ -276,7 +351,23 @@ def load_task_dataset(
         )
     if len(dataset) == 0:
         raise InputError(f"{flag} {name!r} ({split}) has no rows")
-    return dataset
+    return _as_chat_messages(dataset, [column for column in columns if column in CHAT_COLUMNS])
+
+
+# Columns the recipes read as chat messages, with the role a plain string in them is given.
+CHAT_COLUMNS = {"prompt": "user", "completion": "assistant", "chosen": "assistant", "rejected": "assistant"}
+
+
+def _as_chat_messages(dataset: Dataset, columns: Sequence[str]) -> Dataset:
+    """Plain-string prompts and completions as one-message chats: the recipes render them with the chat template,
+    as TRL's conversational format does."""
+    strings = [column for column in columns if getattr(dataset.features[column], "dtype", None) == "string"]
+    if not strings:
+        return dataset
+    return dataset.map(
+        lambda row: {column: [{"role": CHAT_COLUMNS[column], "content": row[column]}] for column in strings},
+        desc="plain strings as chat messages",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,16 +433,36 @@ def _holds_a_run(folder: Path) -> bool:
     return results or any(folder.glob("checkpoint-*"))
 
 
+# Besides the weights, what `save_pretrained` / the Trainer write at the top of an output directory.
+PREVIOUS_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "README.md",
+    "training_args.bin",
+)
+
+
 def check_run_manifest(
     output_dir: str | Path, settings: dict[str, Any], *, overwrite: bool = False, write: bool = True
 ) -> None:
     """Refuse to resume in `output_dir` a run made with other `settings` (when it left a checkpoint or results),
-    naming each that changed; with `overwrite`, remove its checkpoints and results first. Records `settings` in `output_dir/run_manifest.json` (atomically)."""
+    naming each that changed; with `overwrite`, remove its checkpoints, model and results first. Records `settings` in `output_dir/run_manifest.json` (atomically)."""
     folder = Path(output_dir)
     path = folder / MANIFEST
     if overwrite:
+        model = settings.get("model_name_or_path")
+        if model and Path(str(model)).expanduser().resolve() == folder.expanduser().resolve():
+            raise InputError(
+                f"--output_dir {str(output_dir)!r} is the model directory: --overwrite_output_dir would delete the "
+                "model before it is loaded; choose another --output_dir"
+            )
         for checkpoint in folder.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
+        # The previous run's model too: a run that fails before saving must not leave it to be loaded as this one's.
+        previous_model = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.index.json")]
+        for file in previous_model + [folder / name for name in PREVIOUS_MODEL_FILES]:
+            file.unlink(missing_ok=True)
         for name in ("results.json", "stage_results.json", MANIFEST):
             (folder / name).unlink(missing_ok=True)
     elif path.is_file() and _holds_a_run(folder):

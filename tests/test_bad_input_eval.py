@@ -199,3 +199,29 @@ def test_eval_writes_readable_results(tiny_dir, tmp_path, data):
     for name in ("results.json", "results.md", "results.png", "samples/math500.jsonl"):
         assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o644, name
     assert not [p for p in (tmp_path / "out").rglob("*.tmp")]
+
+
+def test_a_config_directory_without_weights_is_named(capsys, tmp_path, data):
+    message = fails(capsys, tmp_path, "--tasks", "math500", "--data_dir", str(data), model=str(TINY))
+    assert "holds a config.json but no weights (no model.safetensors)" in message
+
+
+def test_from_pretrained_of_a_config_directory_says_how_to_build_a_fresh_model():
+    with pytest.raises(OSError, match=r"holds no weights .*Llama4ForCausalLM\(Llama4TextConfig.from_pretrained"):
+        Llama4ForCausalLM.from_pretrained(TINY)
+
+
+def test_an_output_dir_that_is_a_file_is_named(capsys, tmp_path, data):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(SystemExit, match=r"--output_dir '.*out' is a file"):
+        main(["--model", "some/model", "--output_dir", str(tmp_path / "out"), "--tasks", "math500",
+              "--data_dir", str(data), "--no_progress"])  # fmt: skip
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--device", "gpu", "--device 'gpu': not a torch device"),
+    ("--device_map", "cuda", "--device_map 'cuda': this machine has no CUDA GPU"),
+])  # fmt: skip
+def test_a_device_this_machine_cannot_use_is_named(flag, value, message, capsys, tmp_path, data, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert message in fails(capsys, tmp_path, "--tasks", "math500", "--data_dir", str(data), flag, value)

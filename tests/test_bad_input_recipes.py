@@ -15,6 +15,8 @@ from recipes.trainers import CoDistillationConfig
 from recipes.validation import (
     DPO_LOSS_TYPES,
     InputError,
+    check_arguments,
+    load_task_dataset,
     merge_mapping_flags,
     parse_recipe_args,
     run_recipe,
@@ -397,3 +399,101 @@ def test_real_fp8_judges_the_device_the_trainer_will_use(monkeypatch):
     with pytest.raises(fp8.Fp8UnsupportedError, match="stop here"):
         fp8.convert_model_to_fp8(model)
     assert seen == [torch.device("cuda", 0)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typos and numbers the Trainer, TRL or torch would refuse only after the model is built
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_yaml_key_typo_is_named_with_the_closest_field(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("learning_rat: 0.001\n")
+    argv = ["--config", str(config), "--output_dir", str(tmp_path / "out"), *FAST]
+    with pytest.raises(InputError, match=r"in the --config file: --learning_rat \(did you mean --learning_rate\?\)"):
+        parse_recipe_args(RECIPES["sft"][1], argv)
+
+
+def test_command_line_typo_is_named_with_the_closest_field(tmp_path):
+    argv = ["--output_dir", str(tmp_path / "out"), *FAST, "--learnig_rate", "1e-3"]
+    with pytest.raises(InputError, match=r"on the command line: --learnig_rate \(did you mean --learning_rate\?\)"):
+        parse_recipe_args(RECIPES["sft"][1], argv)
+
+
+def test_a_value_a_config_class_refuses_is_one_input_error(tmp_path):
+    argv = [
+        "--output_dir",
+        str(tmp_path / "out"),
+        *FAST,
+        "--per_device_train_batch_size",
+        "6",
+        "--num_generations",
+        "4",
+    ]
+    with pytest.raises(InputError, match=r"must be divisible by num_generations \(4\)"):
+        parse_recipe_args(RECIPES["online_rl"][1], argv)
+
+
+@pytest.mark.parametrize(
+    ("name", "argv", "message"),
+    [
+        ("sft", ["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size 0: give a whole number"),
+        ("sft", ["--learning_rate", "0"], r"--learning_rate 0.0: give a positive number"),
+        ("dpo", ["--learning_rate=-1e-3"], r"--learning_rate -0.001: give a positive number"),
+        ("sft", ["--max_steps", "0"], r"--max_steps 0: transformers would still train one step"),
+        ("pretrain", ["--max_length", "0"], r"--max_length 0: give a whole number of at least 1"),
+        ("sft", ["--use_peft", "true", "--lora_r", "0"], r"--lora_r 0: give a whole number of at least 1"),
+        ("online_rl", ["--temperature", "0"], r"--temperature 0.0: sampling needs a temperature above 0"),
+        ("online_rl", ["--max_completion_length", "0"], r"--max_completion_length 0: give a whole number"),
+        ("online_rl", ["--reward_weights", "1.0"], r"--reward_weights \[1.0\]: give one weight per reward"),
+    ],
+)
+def test_training_numbers_are_checked_before_the_model(name, argv, message, tmp_path, no_model):
+    with pytest.raises(InputError, match=message):
+        run(name, tmp_path, "--from_scratch", "true", *argv)
+
+
+def test_a_config_directory_without_weights_says_from_scratch(tmp_path, no_model):
+    with pytest.raises(
+        InputError, match=r"'hub_configs/tiny' holds a config.json but no weights.*--from_scratch true"
+    ):
+        run("sft", tmp_path)
+
+
+def test_plain_string_prompts_and_completions_become_chat_messages(tmp_path):
+    rows = [{"prompt": "What is 2+3?", "answer": "5", "completion": "\\boxed{5}"}] * 4
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dataset = load_task_dataset(str(tmp_path / "train.jsonl"), "train", ("prompt", "answer", "completion"))
+    assert dataset[0]["prompt"] == [{"role": "user", "content": "What is 2+3?"}]
+    assert dataset[0]["completion"] == [{"role": "assistant", "content": "\\boxed{5}"}]
+    assert dataset[0]["answer"] == "5"
+
+
+def test_a_mistyped_curriculum_column_is_named(tmp_path):
+    with pytest.raises(InputError, match=r"--curriculum_column 'difficulty': the train set has no such column"):
+        run("online_rl", tmp_path, "--from_scratch", "true", "--train_problems", "8", "--heldout_problems", "0",
+            "--curriculum_column", "difficulty")  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), [("levels", 1), ("languages", "de"), ("reward_funcs", "format_reward")])
+def test_a_yaml_scalar_where_a_list_is_expected_is_one_item(field, value, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(f"{field}: {value}\n")
+    module, types = RECIPES["online_rl"]
+    script_args, training_args, model_args = parse_recipe_args(
+        types, ["--config", str(config), "--output_dir", str(tmp_path / "out"), "--from_scratch", "true",
+                "--model_name_or_path", "hub_configs/tiny", *FAST],
+    )  # fmt: skip
+    check_arguments(script_args, training_args, model_args)
+    assert getattr(script_args, field) == [value]
+
+
+def test_a_missing_resume_checkpoint_is_named_before_the_model(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--resume_from_checkpoint '.*nope': no such checkpoint directory"):
+        run("sft", tmp_path, "--from_scratch", "true", "--resume_from_checkpoint", str(tmp_path / "nope"))
+
+
+def test_an_output_dir_that_is_a_file_is_named(tmp_path, no_model):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(InputError, match=r"--output_dir '.*out' is a file; give a directory"):
+        run("sft", tmp_path, "--from_scratch", "true")

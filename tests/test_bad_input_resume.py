@@ -150,6 +150,7 @@ def fake_stages(monkeypatch):
         prepare_run(model_args, script_args, training_args)
         calls.append(training_args.output_dir)
         shutil.copy("hub_configs/tiny/config.json", training_args.output_dir)  # the next stage's model
+        (Path(training_args.output_dir) / "model.safetensors").write_bytes(b"")  # (its weights, for the checks)
         return {
             "heldout": {"accuracy": 0.5, "correct": [1, 0], "boxed_rate": 1.0, "accuracy_by_level": {"1": 0.5}},
             "log_history": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5, "reward": 0.3}],
@@ -196,3 +197,28 @@ def test_pipeline_stage_without_a_known_name(tmp_path, fake_stages):
     args = pipeline.PipelineArguments(output_dir=str(tmp_path), stages=[{"name": "sfft"}])
     with pytest.raises(InputError, match=r"each needs a `name` among \['pretrain', 'sft', 'online_rl', 'dpo'\]"):
         pipeline.main(args)
+
+
+def test_overwrite_output_dir_removes_the_previous_model_too(tmp_path):
+    prepare(tmp_path, "--learning_rate", "1e-3")
+    previous = ["model.safetensors", "config.json", "generation_config.json", "README.md", "training_args.bin"]
+    for name in previous:
+        (tmp_path / name).write_text("from the previous run")
+    (tmp_path / "notes.txt").write_text("the user's own")
+    script_args, training_args, model_args = parsed(
+        tmp_path, "--learning_rate", "1e-4", "--overwrite_output_dir", "true"
+    )
+    prepare_run(model_args, script_args, training_args)
+    assert not any((tmp_path / name).exists() for name in previous)  # a run that fails now leaves no stale model
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_overwrite_refuses_an_output_dir_that_is_the_model(tmp_path):
+    shutil.copy(Path("hub_configs/tiny/config.json"), tmp_path / "config.json")
+    script_args, training_args, model_args = parse_recipe_args(
+        TYPES, [*BASE, "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path),
+                "--overwrite_output_dir", "true"],
+    )  # fmt: skip
+    with pytest.raises(InputError, match="is the model directory: --overwrite_output_dir would delete the model"):
+        prepare_run(model_args, script_args, training_args)
+    assert (tmp_path / "config.json").exists()

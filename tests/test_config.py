@@ -20,6 +20,9 @@ from conftest import tiny_text_kwargs
         ({"attention_chunk_size": 0}, "attention_chunk_size=0 must be positive"),
         ({"moe_layers": [1, 7]}, r"moe_layers \[7\] are out of range for num_hidden_layers=4"),
         ({"rope_parameters": {"rope_type": "spiral", "rope_theta": 1e4}}, "unknown rope_type 'spiral'"),
+        ({"layer_types": ["full_attention", "chunked_atention"] * 2}, r"layer_types has \['chunked_atention'\]"),
+        ({"layer_types": ["sliding_attention"] * 4}, r"layer_types has \['sliding_attention'\]. Llama 4 layers"),
+        ({"pad_token_id": 10_000}, r"pad_token_id=10000 is outside the vocabulary"),
     ],
 )
 def test_invalid_config_names_the_problem(overrides, message):

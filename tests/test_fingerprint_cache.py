@@ -10,7 +10,7 @@ import recipes.sampling
 import recipes.trainers.teachers
 from eval.runner import main
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.fingerprint import weights_fingerprint
+from modeling_llama4.fingerprint import prompting_fingerprint, weights_fingerprint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny"
@@ -48,3 +48,33 @@ def test_eval_cache_regenerates_for_a_model_retrained_at_the_same_path(tmp_path)
     assert main(argv)["tasks"]["math500"]["generated"] == 0  # same weights: served from the cache
     tiny_model(seed=1).save_pretrained(checkpoint)  # "retrained" in place
     assert main(argv)["tasks"]["math500"]["generated"] == 2
+
+
+def test_eval_cache_regenerates_after_the_chat_template_or_generation_config_changes(tmp_path):
+    checkpoint, output = tmp_path / "model", tmp_path / "eval"
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    tokenizer.save_pretrained(checkpoint)
+    model = tiny_model(seed=0)
+    model.save_pretrained(checkpoint)
+    argv = ["--model", str(checkpoint), "--data_dir", str(FIXTURES), "--output_dir", str(output),
+            "--tasks", "math500", "--limit", "2", "--max_new_tokens", "3", "--no_progress"]  # fmt: skip
+    assert main(argv)["tasks"]["math500"]["generated"] == 2
+    tokenizer.chat_template = "Answer briefly. " + tokenizer.chat_template  # a fixed template, same weights
+    tokenizer.save_pretrained(checkpoint)
+    assert main(argv)["tasks"]["math500"]["generated"] == 2
+    assert main(argv)["tasks"]["math500"]["generated"] == 0
+    model.generation_config.eos_token_id = [2, 5]  # another stop token
+    model.save_pretrained(checkpoint)
+    assert main(argv)["tasks"]["math500"]["generated"] == 2
+
+
+def test_prompting_fingerprint_reads_a_processors_template_too():
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    key = prompting_fingerprint(tokenizer)
+
+    class Processor:  # a processor holds the template itself and its tokenizer
+        def __init__(self, template: str) -> None:
+            self.chat_template, self.tokenizer = template, tokenizer
+
+    assert prompting_fingerprint(Processor(tokenizer.chat_template)) == key
+    assert prompting_fingerprint(Processor("{{ messages }}")) != key

@@ -192,6 +192,28 @@ def test_bad_group_size_errors():
         Int4Config.from_dict({"quant_method": "bitsandbytes", "group_size": 32})
 
 
+@pytest.mark.parametrize("group_size", [2.5, None, True, "a lot"])
+def test_a_group_size_that_is_not_a_whole_number_errors(group_size):
+    with pytest.raises(ValueError, match=r"give a whole number, e.g. 128"):
+        Int4Config(group_size=group_size)
+
+
+def test_modules_to_not_convert_takes_one_name_and_warns_about_names_that_match_nothing(tmp_path):
+    assert Int4Config(modules_to_not_convert="lm_head").modules_to_not_convert == ["lm_head"]
+    model = Llama4ForCausalLM(Llama4TextConfig(**tiny_text_kwargs()))
+    model.save_pretrained(tmp_path)
+    keep_layer_1 = Int4Config(group_size=16, modules_to_not_convert=["layers.1.feed_forward"])  # its experts too
+    loaded = Llama4ForCausalLM.from_pretrained(tmp_path, quantization_config=keep_layer_1)
+    assert isinstance(loaded.model.layers[0].feed_forward.experts, Int4TextExperts)
+    kept_experts = loaded.model.layers[1].feed_forward.experts
+    assert torch.equal(kept_experts.gate_up_proj, model.model.layers[1].feed_forward.experts.gate_up_proj)
+    kept = "layers.1.feed_forward"
+    with pytest.warns(UserWarning, match=r"\['layer.0.feed_forward'\]\) names no module of this model"):
+        quantize_model(model, Int4Config(group_size=16, modules_to_not_convert=["layer.0.feed_forward", kept]))
+    assert not isinstance(model.model.layers[1].feed_forward.experts, Int4TextExperts)
+    assert isinstance(model.model.layers[0].feed_forward.experts, Int4TextExperts)
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 from trl import DPOConfig, GRPOConfig, ModelConfig, SFTConfig, TrlParser
 
-from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
+from modeling_llama4 import Int4Config, Llama4ForCausalLM, Llama4TextConfig, quantize_model
 from modeling_llama4.int4 import Int4TextExperts
 from modeling_llama4.int4_lora import Int4LoraExperts, Int4LoraLinear
 from recipes.common import load_model, peft_config_for
@@ -57,3 +57,22 @@ def test_loader_quantizes_and_trl_lora_settings_reach_the_int4_experts(tmp_path)
     assert not getattr(float_model, "is_quantized", False)  # the default stays full precision
     float_config = peft_config_for(model_args, float_model)
     assert float_config.target_parameters and not float_config._custom_modules
+
+
+@pytest.mark.parametrize(("int4", "dropout"), [(True, 0.05), (False, 0.0), (False, 0.05)])
+def test_use_peft_without_targets_adapts_attention_shared_expert_and_experts(int4, dropout, capsys):
+    # PEFT has no default targets for Llama 4 and raises: `--use_peft true` alone must still train.
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(Llama4TextConfig.from_pretrained(TINY))
+    if int4:
+        quantize_model(model, Int4Config(group_size=32))
+    peft_model = get_peft_model(model, peft_config_for(ModelConfig(use_peft=True, lora_dropout=dropout), model))
+    adapted = {name.split(".lora_")[0] for name, _ in peft_model.named_parameters() if "lora_" in name}
+    layer = "base_model.model.model.layers.0."
+    for module in ("self_attn.q_proj", "self_attn.o_proj", "feed_forward.shared_expert.up_proj"):
+        assert layer + module in adapted
+    experts = any(name.startswith(layer + "feed_forward.experts") for name in adapted)
+    assert experts == (int4 or dropout == 0)  # float experts take PEFT's parameter adapters, which refuse dropout
+    if not experts:
+        assert "routed experts left out (PEFT adapts them only with --lora_dropout 0" in capsys.readouterr().out
+    assert not any("router" in name for name in adapted)

@@ -167,6 +167,21 @@ def test_wrong_image_size_names_both_sizes(models, tokenizer):
         ours(input_ids=input_ids, pixel_values=torch.randn(1, 3, 64, 64))
 
 
+@pytest.mark.parametrize(
+    ("pixel_values", "message"),
+    [
+        (torch.randn(1, 1, 56, 56), r"shape \(1, 1, 56, 56\); the vision tower takes \(tiles, 3, 56, 56\)"),
+        (torch.randn(3, 56, 56), r"shape \(3, 56, 56\).*add a leading dimension"),
+        (torch.randint(0, 255, (1, 3, 56, 56), dtype=torch.uint8), r"torch.uint8 \(raw pixel values\?\)"),
+    ],
+)
+def test_pixel_values_of_the_wrong_layout_or_dtype_are_named(pixel_values, message, models, tokenizer):
+    _, ours = models
+    input_ids, _, _ = batch(tokenizer, ours.config, ROWS["one_image"])
+    with pytest.raises(ValueError, match=message):
+        ours(input_ids=input_ids, pixel_values=pixel_values)
+
+
 def test_inconsistent_vision_shapes_fail_at_build_time():
     config = Llama4Config.from_pretrained(TINY)
     config.vision_config.intermediate_size = 100

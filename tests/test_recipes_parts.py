@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
+from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 import recipes.sampling as sampling
@@ -191,10 +192,29 @@ def test_last_complete_checkpoint_skips_half_written_ones(tmp_path):
     for step, complete in ((5, True), (10, True), (15, False)):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
+        save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
         if complete:
             write_json_atomic(folder / "trainer_state.json", {"global_step": step})
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "deleted_weights", "corrupt_state"])
+def test_last_complete_checkpoint_passes_over_a_damaged_one(damage, tmp_path):
+    for step in (5, 10):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file({"w": torch.zeros(64)}, folder / "model.safetensors")
+        write_json_atomic(folder / "trainer_state.json", {"global_step": step})
+    newest = tmp_path / "checkpoint-10"
+    if damage == "truncated_weights":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[: len(data) // 3])
+    elif damage == "deleted_weights":
+        (newest / "model.safetensors").unlink()
+    else:
+        (newest / "trainer_state.json").write_text('{"global_step": 1')
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
 
 
 def _rl_trainer_stub(difficulty, *, step=0, max_steps=10, balance=True, hard=True):
