@@ -151,7 +151,7 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
                 "Llama 4 layers attend globally ('full_attention', the NoPE layers) or within chunks "
                 "('chunked_attention'); leave layer_types unset to derive it from no_rope_layers.",
             )
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+        if self.pad_token_id is not None and not -self.vocab_size <= self.pad_token_id < self.vocab_size:
             fail(
                 f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size={self.vocab_size})",
                 "Use a token id below vocab_size, or null.",

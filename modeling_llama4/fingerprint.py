@@ -50,6 +50,9 @@ def prompting_fingerprint(tokenizer, model: nn.Module | None = None) -> str:
         "generation_config": None,
     }
     generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        fields["generation_config"] = generation_config.to_json_string(use_diff=False)
+    if generation_config is not None:  # what differs from the defaults; not the transformers version
+        settings = generation_config.to_diff_dict()
+        fields["generation_config"] = {
+            k: v for k, v in settings.items() if k != "transformers_version" and k[0] != "_"
+        }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]

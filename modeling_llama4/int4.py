@@ -24,6 +24,7 @@ transformers would still reject a `quantization_config` it cannot resolve.
 from __future__ import annotations
 
 import json
+import numbers
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -421,7 +422,9 @@ class Int4Config(QuantizationConfigMixin):
                 f"Int4Config got unknown settings {sorted(kwargs)}; it takes group_size and modules_to_not_convert."
             )
         self.quant_method = QUANT_METHOD
-        whole = isinstance(group_size, int) or (isinstance(group_size, str) and group_size.strip().isdigit())
+        if isinstance(group_size, str) and group_size.strip().isdigit():
+            group_size = int(group_size)
+        whole = isinstance(group_size, numbers.Integral) or (isinstance(group_size, float) and group_size.is_integer())
         if isinstance(group_size, bool) or not whole:
             raise ValueError(f"Int4Config(group_size={group_size!r}): give a whole number, e.g. 128.")
         self.group_size = int(group_size)

@@ -421,7 +421,8 @@ class Llama4PreTrainedModel(PreTrainedModel):
             ) from error
         except OSError as error:
             local = Path(str(pretrained_model_name_or_path)).expanduser()
-            if local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+            weights = ("*.safetensors", "*.bin", "*.index.json")
+            if local.is_dir() and not kwargs.get("subfolder") and not any(any(local.glob(w)) for w in weights):
                 raise OSError(
                     f"{pretrained_model_name_or_path} holds no weights (no model.safetensors). To build a fresh "
                     f"model from its config.json: {cls.__name__}({cls.config_class.__name__}.from_pretrained(path)); "
@@ -597,6 +598,11 @@ class Llama4MultimodalCausalLMOutput(Llama4CausalLMOutput):
     image_outputs: BaseModelOutputWithPooling | None = None
 
     to_tuple = _nested_to_tuple
+
+    @property
+    def image_hidden_states(self) -> torch.Tensor | None:
+        """The projected image features (`image_outputs.pooler_output`), the built-in's deprecated name."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
 def add_router_losses(

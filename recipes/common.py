@@ -213,11 +213,11 @@ def peft_config_for(model_args, model: PreTrainedModel):
     if config is not None and not config.target_modules and not config.target_parameters:
         config.target_modules = list(DEFAULT_LORA_MODULES)
         int4 = any(isinstance(module, Int4TextExperts) for module in model.modules())
-        if int4 or not config.lora_dropout:
+        if int4 or (not config.lora_dropout and not config.use_dora):
             config.target_parameters = list(EXPERT_LORA_PARAMETERS)
-        else:  # PEFT's adapters on parameters refuse dropout
-            print(f"LoRA: routed experts left out (PEFT adapts them only with --lora_dropout 0, not "
-                  f"{config.lora_dropout}); attention, shared expert and dense MLPs adapted")  # fmt: skip
+        else:  # PEFT's adapters on parameters take neither dropout nor DoRA
+            print(f"LoRA: routed experts left out (PEFT adapts them only with --lora_dropout 0 and no DoRA; got "
+                  f"dropout {config.lora_dropout}); attention, shared expert and dense MLPs adapted")  # fmt: skip
     return lora_config_for_model(config, model)
 
 

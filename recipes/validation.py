@@ -113,7 +113,7 @@ def merge_mapping_flags(argv: Sequence[str]) -> list[str]:
 def _unknown_argument_error(message: str, dataclass_types: Sequence[type]) -> InputError:
     """TRL's / HfArgumentParser's unknown-argument error as one line, with the closest valid name for each."""
     known = sorted({f.name for cls in dataclass_types for f in dataclasses.fields(cls)})
-    given = re.findall(r"'--?([A-Za-z0-9_.\-]+)'", message.split(":", 1)[-1])
+    given = re.findall(r"'--([A-Za-z_][A-Za-z0-9_.\-]*)'", message.split(":", 1)[-1])
     hints = []
     for name in dict.fromkeys(given):
         close = difflib.get_close_matches(name.replace("-", "_"), known, n=1, cutoff=0.6)
@@ -128,12 +128,26 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: Sequence[str] | Non
     `InputError`."""
     argv = merge_mapping_flags(sys.argv[1:] if argv is None else argv)
     try:
-        return TrlParser(tuple(dataclass_types)).parse_args_and_config(argv)
+        parsed = TrlParser(tuple(dataclass_types)).parse_args_and_config(argv)
     except ValueError as error:
         message = str(error)
         if "Unknown arguments" in message or "arguments are not used" in message:
             raise _unknown_argument_error(message, dataclass_types) from None
-        raise InputError(message.strip().splitlines()[0] if message.strip() else repr(error)) from None
+        raise InputError(" ".join(message.split()) or repr(error)) from None
+    for args in parsed:
+        _scalars_as_lists(args)
+    return parsed
+
+
+def _scalars_as_lists(args: Any) -> None:
+    """A YAML scalar for a list field (`levels: 1`, `reward_funcs: format_reward`) as one item, not its characters
+    (the YAML values bypass argparse's `nargs`)."""
+    if not dataclasses.is_dataclass(args):
+        return
+    for spec in dataclasses.fields(args):
+        value = getattr(args, spec.name, None)
+        if "list" in str(spec.type) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            setattr(args, spec.name, [value])
 
 
 def run_recipe(main: Callable, dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> Any:
@@ -155,16 +169,8 @@ def _at_least(args: Any, name: str, low: int) -> None:
         raise InputError(f"--{name} {value}: must be at least {low}")
 
 
-# List-valued script arguments a YAML may give as a single scalar.
-LIST_ARGUMENTS = ("languages", "levels", "capabilities", "reward_funcs")
-
-
 def check_arguments(script_args: Any, training_args: Any = None, model_args: Any = None) -> None:
     """Every check that needs no model and no data download; raises `InputError`."""
-    for name in LIST_ARGUMENTS:  # `levels: 1` / `languages: en` in a YAML: one item, not its characters
-        value = getattr(script_args, name, None)
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            setattr(script_args, name, [value])
     if not script_args.dataset_name:
         _at_least(script_args, "train_problems", 1)
         unknown = sorted(set(script_args.languages) - set(LANGUAGES))
@@ -361,7 +367,9 @@ CHAT_COLUMNS = {"prompt": "user", "completion": "assistant", "chosen": "assistan
 def _as_chat_messages(dataset: Dataset, columns: Sequence[str]) -> Dataset:
     """Plain-string prompts and completions as one-message chats: the recipes render them with the chat template,
     as TRL's conversational format does."""
-    strings = [column for column in columns if getattr(dataset.features[column], "dtype", None) == "string"]
+    strings = [
+        column for column in columns if getattr(dataset.features[column], "dtype", None) in ("string", "large_string")
+    ]
     if not strings:
         return dataset
     return dataset.map(
@@ -443,6 +451,20 @@ PREVIOUS_MODEL_FILES = (
 )
 
 
+def _refuse_deleting_an_input(folder: Path, settings: dict[str, Any]) -> None:
+    """`--overwrite_output_dir` clears `folder`: refuse when a model, tokenizer or checkpoint the run reads is in it."""
+    root = folder.expanduser().resolve()
+    for key, value in settings.items():
+        if not (key.endswith("_name_or_path") or key == "resume_from_checkpoint") or not isinstance(value, str):
+            continue
+        read = Path(value).expanduser()
+        if read.is_dir() and (read.resolve() == root or root in read.resolve().parents):
+            raise InputError(
+                f"--{key} {value!r} is inside --output_dir {str(folder)!r}: --overwrite_output_dir would delete it "
+                "before it is read; choose another --output_dir"
+            )
+
+
 def check_run_manifest(
     output_dir: str | Path, settings: dict[str, Any], *, overwrite: bool = False, write: bool = True
 ) -> None:
@@ -451,18 +473,15 @@ def check_run_manifest(
     folder = Path(output_dir)
     path = folder / MANIFEST
     if overwrite:
-        model = settings.get("model_name_or_path")
-        if model and Path(str(model)).expanduser().resolve() == folder.expanduser().resolve():
-            raise InputError(
-                f"--output_dir {str(output_dir)!r} is the model directory: --overwrite_output_dir would delete the "
-                "model before it is loaded; choose another --output_dir"
-            )
+        _refuse_deleting_an_input(folder, settings)
         for checkpoint in folder.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
-        # The previous run's model too: a run that fails before saving must not leave it to be loaded as this one's.
-        previous_model = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.index.json")]
-        for file in previous_model + [folder / name for name in PREVIOUS_MODEL_FILES]:
-            file.unlink(missing_ok=True)
+        # The previous run's model too (only in a recipe's own directory: it wrote a manifest), so a run that fails
+        # before saving does not leave it to be loaded as this one's.
+        if path.is_file():
+            previous_model = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.index.json")]
+            for file in previous_model + [folder / name for name in PREVIOUS_MODEL_FILES]:
+                file.unlink(missing_ok=True)
         for name in ("results.json", "stage_results.json", MANIFEST):
             (folder / name).unlink(missing_ok=True)
     elif path.is_file() and _holds_a_run(folder):

@@ -219,6 +219,15 @@ def test_overwrite_refuses_an_output_dir_that_is_the_model(tmp_path):
         TYPES, [*BASE, "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path),
                 "--overwrite_output_dir", "true"],
     )  # fmt: skip
-    with pytest.raises(InputError, match="is the model directory: --overwrite_output_dir would delete the model"):
+    with pytest.raises(InputError, match="--model_name_or_path .* is inside --output_dir .*would delete it"):
         prepare_run(model_args, script_args, training_args)
     assert (tmp_path / "config.json").exists()
+
+
+def test_overwrite_keeps_files_in_a_directory_no_recipe_wrote(tmp_path):
+    # e.g. `--output_dir . --overwrite_output_dir true` in a project folder: its README and config stay
+    for name in ("README.md", "config.json"):
+        (tmp_path / name).write_text("the user's own")
+    script_args, training_args, model_args = parsed(tmp_path, "--overwrite_output_dir", "true")
+    prepare_run(model_args, script_args, training_args)
+    assert (tmp_path / "README.md").read_text() == (tmp_path / "config.json").read_text() == "the user's own"

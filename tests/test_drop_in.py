@@ -144,7 +144,8 @@ def test_multimodal_forward_returns_the_image_outputs(multimodal):
     assert image_outputs.pooler_output.shape == (2, tokens, config.text_config.hidden_size)
     assert len(image_outputs.hidden_states) == config.vision_config.num_hidden_layers + 1
     assert len(out.hidden_states) == config.text_config.num_hidden_layers + 1  # the text model's, unchanged
-    assert text_only.image_outputs is None
+    assert text_only.image_outputs is None and text_only.image_hidden_states is None
+    assert out.image_hidden_states is image_outputs.pooler_output  # the built-in's (deprecated) name
     torch.testing.assert_close(as_tuple[0], out.logits)
     torch.testing.assert_close(as_tuple[-1][0], image_outputs.last_hidden_state)  # nested outputs are tuples too
 

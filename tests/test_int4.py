@@ -196,6 +196,7 @@ def test_bad_group_size_errors():
 def test_a_group_size_that_is_not_a_whole_number_errors(group_size):
     with pytest.raises(ValueError, match=r"give a whole number, e.g. 128"):
         Int4Config(group_size=group_size)
+    assert Int4Config(group_size=128.0).group_size == Int4Config(group_size="64").group_size * 2 == 128
 
 
 def test_modules_to_not_convert_takes_one_name_and_warns_about_names_that_match_nothing(tmp_path):
