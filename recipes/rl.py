@@ -335,12 +335,14 @@ class OnlineRLTrainer(GRPOTrainer):
             )
         self.prompt_stats = PromptStats(len(train_dataset))
         column = config.curriculum_column
+        if column and column.lower() in ("none", "null"):  # the command line's way to say no curriculum
+            column = None
         if column and column not in train_dataset.column_names:
             default = next(f.default for f in dataclasses.fields(OnlineRLConfig) if f.name == "curriculum_column")
             if column != default:  # named on purpose: a typo must not silently turn the curriculum off
                 raise InputError(
                     f"--curriculum_column {column!r}: the train set has no such column (it has "
-                    f"{train_dataset.column_names}); name a numeric difficulty column, or pass --curriculum_column '' "
+                    f"{train_dataset.column_names}); name a numeric difficulty column, or pass --curriculum_column none "
                     "for no curriculum"
                 )
             print(f"online RL: no curriculum (the train set has no {column!r} column)")

@@ -498,3 +498,19 @@ def test_an_output_dir_that_is_a_file_is_named(tmp_path, no_model):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(InputError, match=r"--output_dir '.*out' is a file; give a directory"):
         run("sft", tmp_path, "--from_scratch", "true")
+
+
+def test_curriculum_column_none_turns_the_curriculum_off(tmp_path, monkeypatch):
+    import recipes.rl
+
+    class TrainerBuilt(Exception):
+        pass
+
+    def stop(self, **kwargs):
+        raise TrainerBuilt(self._difficulty)
+
+    monkeypatch.setattr(recipes.rl.OnlineRLTrainer, "train", stop)
+    with pytest.raises(TrainerBuilt) as built:
+        run("online_rl", tmp_path, "--from_scratch", "true", "--train_problems", "8", "--heldout_problems", "0",
+            "--curriculum_column", "none")  # fmt: skip
+    assert built.value.args == (None,)  # no difficulty column: no curriculum
