@@ -442,15 +442,14 @@ class Int4Config(QuantizationConfigMixin):
         }
 
 
+def _names(skip: str, name: str) -> bool:
+    """Whether `skip` names module `name` or one containing it: a run of whole dotted parts ("layers.0.feed_forward"
+    names "model.layers.0.feed_forward.experts")."""
+    return f".{skip}." in f".{name}."
+
+
 def _skipped(name: str, config: Int4Config) -> bool:
-    """Whether `name` or a module containing it (e.g. "layers.0.feed_forward" for its experts) is kept in float."""
-    parts = name.split(".")
-    scopes = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
-    return any(_skipped_anywhere(skip, scopes) for skip in config.modules_to_not_convert or [])
-
-
-def _skipped_anywhere(skip: str, names: list[str]) -> bool:
-    return any(name == skip or name.endswith("." + skip) for name in names)
+    return any(_names(skip, name) for skip in config.modules_to_not_convert or [])
 
 
 def replace_with_int4_modules(model: nn.Module, config: Int4Config, quantize_weights: bool) -> int:
@@ -464,7 +463,7 @@ def replace_with_int4_modules(model: nn.Module, config: Int4Config, quantize_wei
         if _float_kind(module) is not None and not _skipped(name, config)
     ]
     names = [name for name, _ in model.named_modules()]
-    unmatched = [skip for skip in config.modules_to_not_convert or [] if not _skipped_anywhere(skip, names)]
+    unmatched = [skip for skip in config.modules_to_not_convert or [] if not any(_names(skip, n) for n in names)]
     if unmatched:
         warnings.warn(
             f"Int4Config(modules_to_not_convert={unmatched}) names no module of this model, so nothing is kept in "

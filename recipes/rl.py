@@ -35,7 +35,6 @@ regenerates on resume. Fractional `save_steps` and `save_strategy: epoch` are no
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -338,8 +337,7 @@ class OnlineRLTrainer(GRPOTrainer):
         if column and column.lower() in ("none", "null"):  # the command line's way to say no curriculum
             column = None
         if column and column not in train_dataset.column_names:
-            default = next(f.default for f in dataclasses.fields(OnlineRLConfig) if f.name == "curriculum_column")
-            if column != default:  # named on purpose: a typo must not silently turn the curriculum off
+            if column != OnlineRLConfig.curriculum_column:  # not the default: a typo must not turn the curriculum off
                 raise InputError(
                     f"--curriculum_column {column!r}: the train set has no such column (it has "
                     f"{train_dataset.column_names}); name a numeric difficulty column, or pass --curriculum_column none "

@@ -164,8 +164,13 @@ def run_recipe(main: Callable, dataclass_types: Sequence[type], argv: Sequence[s
 
 
 def _at_least(args: Any, name: str, low: int) -> None:
+    """A whole number >= `low` (YAML values bypass argparse's types), or unset."""
     value = getattr(args, name, None)
-    if value is not None and value < low:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"--{name} {value!r}: must be a whole number (at least {low})")
+    if value < low:
         raise InputError(f"--{name} {value}: must be at least {low}")
 
 
@@ -238,20 +243,12 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
                           "built from it, or give the directory a trained model was saved to")  # fmt: skip
 
 
-def _whole_at_least(args: Any, name: str, low: int) -> None:
-    value = getattr(args, name, None)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-        raise InputError(f"--{name} {value!r}: give a whole number of at least {low}")
-
-
 def _check_training_numbers(training_args: Any, model_args: Any, rewards: list[str] | None = None) -> None:
     """Values the Trainer, TRL or torch would refuse only after the model is built (or accept and misuse)."""
     if training_args is not None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            _whole_at_least(training_args, name, 1)
-        for name in ("max_length", "max_completion_length", "max_prompt_length"):
-            if getattr(training_args, name, None) is not None:
-                _whole_at_least(training_args, name, 1)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "max_length", "max_completion_length", "max_prompt_length"):  # fmt: skip
+            _at_least(training_args, name, 1)
         rate = getattr(training_args, "learning_rate", None)
         if rate is not None and not (isinstance(rate, (int, float)) and 0 < rate < float("inf")):
             raise InputError(f"--learning_rate {rate!r}: give a positive number, e.g. 1e-5 (0 trains nothing)")
@@ -261,13 +258,12 @@ def _check_training_numbers(training_args: Any, model_args: Any, rewards: list[s
         temperature = getattr(training_args, "temperature", None)
         if temperature is not None and not temperature > 0:
             raise InputError(f"--temperature {temperature!r}: sampling needs a temperature above 0, e.g. 1.0")
-        if hasattr(training_args, "num_generations") and getattr(training_args, "num_generations", None) is not None:
-            _whole_at_least(training_args, "num_generations", 2)  # group-relative advantages need two or more
+        _at_least(training_args, "num_generations", 2)  # group-relative advantages need two or more
         weights = getattr(training_args, "reward_weights", None)
         if weights and rewards and len(weights) != len(rewards):
             raise InputError(f"--reward_weights {weights}: give one weight per reward in --reward_funcs {rewards}")
     if model_args is not None and getattr(model_args, "use_peft", False):
-        _whole_at_least(model_args, "lora_r", 1)
+        _at_least(model_args, "lora_r", 1)
 
 
 def _check_json_lines(path: Path) -> None:

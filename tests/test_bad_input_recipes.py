@@ -436,14 +436,14 @@ def test_a_value_a_config_class_refuses_is_one_input_error(tmp_path):
 @pytest.mark.parametrize(
     ("name", "argv", "message"),
     [
-        ("sft", ["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size 0: give a whole number"),
+        ("sft", ["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size 0: must be at least 1"),
         ("sft", ["--learning_rate", "0"], r"--learning_rate 0.0: give a positive number"),
         ("dpo", ["--learning_rate=-1e-3"], r"--learning_rate -0.001: give a positive number"),
         ("sft", ["--max_steps", "0"], r"--max_steps 0: transformers would still train one step"),
-        ("pretrain", ["--max_length", "0"], r"--max_length 0: give a whole number of at least 1"),
-        ("sft", ["--use_peft", "true", "--lora_r", "0"], r"--lora_r 0: give a whole number of at least 1"),
+        ("pretrain", ["--max_length", "0"], r"--max_length 0: must be at least 1"),
+        ("sft", ["--use_peft", "true", "--lora_r", "0"], r"--lora_r 0: must be at least 1"),
         ("online_rl", ["--temperature", "0"], r"--temperature 0.0: sampling needs a temperature above 0"),
-        ("online_rl", ["--max_completion_length", "0"], r"--max_completion_length 0: give a whole number"),
+        ("online_rl", ["--max_completion_length", "0"], r"--max_completion_length 0: must be at least 1"),
         ("online_rl", ["--reward_weights", "1.0"], r"--reward_weights \[1.0\]: give one weight per reward"),
     ],
 )
@@ -514,3 +514,10 @@ def test_curriculum_column_none_turns_the_curriculum_off(tmp_path, monkeypatch):
         run("online_rl", tmp_path, "--from_scratch", "true", "--train_problems", "8", "--heldout_problems", "0",
             "--curriculum_column", "none")  # fmt: skip
     assert built.value.args == (None,)  # no difficulty column: no curriculum
+
+
+def test_a_fractional_batch_size_in_the_yaml_is_named(tmp_path, no_model):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("per_device_train_batch_size: 4.5\n")
+    with pytest.raises(InputError, match=r"--per_device_train_batch_size 4.5: must be a whole number \(at least 1\)"):
+        run("sft", tmp_path, "--config", str(config), "--from_scratch", "true")
