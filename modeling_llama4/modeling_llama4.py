@@ -375,6 +375,102 @@ def _shape_mismatch_message(
     )
 
 
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Errors that name the problem for token ids the embedding cannot look up (on CUDA the lookup itself fails
+    as an opaque device-side assert that also poisons the process)."""
+    if input_ids.ndim != 2:
+        raise ValueError(
+            f"input_ids has shape {tuple(input_ids.shape)}; the model takes (batch, sequence). For one sequence "
+            "add a batch dimension (input_ids[None]), or tokenize with return_tensors='pt'."
+        )
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids are {input_ids.dtype}; token ids are integers: pass input_ids.long().")
+    if input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids has no tokens (shape {tuple(input_ids.shape)}): give every row at least one token, "
+            "e.g. the tokenizer's bos token (tokenize with add_special_tokens=True)."
+        )
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = input_ids.aminmax()
+    if low < 0 or high >= vocab_size:
+        bad = int(low) if low < 0 else int(high)
+        raise ValueError(
+            f"input_ids contains token id {bad}, outside this model's vocabulary (0..{vocab_size - 1}, "
+            f"vocab_size={vocab_size}). Use the tokenizer saved with this model; after adding tokens to a "
+            "tokenizer, call model.resize_token_embeddings(len(tokenizer)). (-100 marks ignored label positions; "
+            "it is not an input id.)"
+        )
+
+
+def _check_text_inputs(
+    config: Llama4TextConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | dict | None,
+    position_ids: torch.Tensor | None,
+    cache: Cache | None,
+) -> None:
+    """Shapes of what the decoder receives, checked before they fail deep inside attention or, worse, broadcast
+    into silently wrong results (transformers' masking pads or truncates a 2-D mask of the wrong length)."""
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(
+            f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; the model takes (batch, sequence, "
+            f"{config.hidden_size}) (hidden_size={config.hidden_size}), as model.get_input_embeddings() returns."
+        )
+    batch, seq = inputs_embeds.shape[:2]
+    if position_ids is not None and position_ids.shape[-1] != seq:
+        raise ValueError(
+            f"position_ids has shape {tuple(position_ids.shape)} but the input has {seq} tokens per row: pass "
+            f"({batch}, {seq}) positions (or none, to count from the cache length)."
+        )
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 or torch.compiler.is_compiling():
+        return  # 4-D masks and generate()'s prepared per-layer masks are transformers' own
+    past = cache.get_seq_length() if cache is not None else 0
+    expected = past + seq
+    # A preallocated (static) cache may be given a mask over its whole length; any other mask covers exactly
+    # the cached tokens and the new ones.
+    longer_ok = cache is not None and not isinstance(cache, DynamicCache)
+    length = attention_mask.shape[1]
+    if attention_mask.shape[0] != batch or length < expected or (length > expected and not longer_ok):
+        cached = f" after {past} cached tokens" if past else ""
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the input is {batch} rows of {seq} tokens"
+            f"{cached}: a 2-D mask is ({batch}, {expected}), one entry (1 = attend, 0 = padding) per cached and "
+            "new token. Pass the mask from the same tokenizer call as input_ids; when reusing a cache, extend it "
+            "by the new tokens."
+        )
+
+
+def _check_labels(labels: torch.Tensor, hidden_states: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    if labels.shape != hidden_states.shape[:2]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but the input is {tuple(hidden_states.shape[:2])} (batch, "
+            "sequence): labels are the input ids themselves (the model shifts them), with -100 where no loss is "
+            "wanted (padding, prompt)."
+        )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels are {labels.dtype}; they are token ids: pass labels.long().")
+    if torch.compiler.is_compiling():
+        return
+    wrong = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(wrong.any()):
+        raise ValueError(
+            f"labels contain {int(labels[wrong][0])}, neither a token id (0..{vocab_size - 1}) nor {ignore_index} "
+            "(ignored position). Mask padding and prompts with -100, not with the pad id of another tokenizer."
+        )
+
+
+class Llama4GenerationMixin(GenerationMixin):
+    """transformers' `generate`, with the prompt checked first: an empty or 1-D prompt otherwise fails inside
+    generate's padding check with an IndexError that does not say what is wrong."""
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(prompt, torch.Tensor):
+            _check_token_ids(prompt, self.config.get_text_config().vocab_size)
+        return super().generate(inputs, *args, **kwargs)
+
+
 class Llama4PreTrainedModel(PreTrainedModel):
     config: Llama4TextConfig
     config_class = Llama4TextConfig
@@ -523,8 +619,10 @@ class Llama4TextModel(Llama4PreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
+        if input_ids is not None:
+            _check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
+        _check_text_inputs(self.config, inputs_embeds, attention_mask, position_ids, cache)
         if self.config._attn_implementation == "flex_attention" and inputs_embeds.device.type == "cpu":
             if inputs_embeds.requires_grad:
                 raise ValueError(
@@ -629,7 +727,7 @@ def add_router_losses(
     return loss, aux_loss, z_loss
 
 
-class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
+class Llama4ForCausalLM(Llama4PreTrainedModel, Llama4GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     # Official repos are multimodal (`language_model.model.*`). The built-in reads their text half by
@@ -705,6 +803,7 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, GenerationMixin):
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, kept, V)
         loss = None
         if labels is not None:
+            _check_labels(labels, outputs.last_hidden_state, self.config.vocab_size, kwargs.get("ignore_index", -100))
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         loss, aux_loss, z_loss = add_router_losses(self.config, loss, outputs.router_logits, attention_mask)
         return Llama4CausalLMOutput(
@@ -838,6 +937,7 @@ class Llama4MultimodalBackbone(Llama4PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
+            _check_token_ids(input_ids, self.config.text_config.vocab_size)
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, S, H)
         image_token_id = self.config.image_token_id
         if pixel_values is None:
@@ -904,7 +1004,7 @@ class Llama4MultimodalBackbone(Llama4PreTrainedModel):
         return Llama4MultimodalModelOutput(**outputs, image_outputs=image_outputs)
 
 
-class Llama4ForConditionalGeneration(Llama4PreTrainedModel, GenerationMixin):
+class Llama4ForConditionalGeneration(Llama4PreTrainedModel, Llama4GenerationMixin):
     """Early fusion: image features replace the `<|patch|>` token embeddings, then the sparse-MoE text model."""
 
     config: Llama4Config

@@ -439,9 +439,26 @@ def train_resumably(trainer, training_args) -> None:
     if resume is None or str(resume).lower() == "true":  # "true": the last complete one, as a re-run picks
         resume = last_complete_checkpoint(training_args.output_dir)
     if resume:
+        _check_resumable(Path(resume))
         print(f"resuming from {resume}")
     trainer.add_callback(ReadableCheckpoints())
     trainer.train(resume_from_checkpoint=resume)
+
+
+# Optimizer state as the Trainer, FSDP (accelerate) and DeepSpeed save it.
+_OPTIMIZER_STATE = ("optimizer.pt", "optimizer.bin", "optimizer_*", "global_step*")
+
+
+def _check_resumable(checkpoint: Path) -> None:
+    """The Trainer resumes a checkpoint without optimizer state with a fresh optimizer, without a word: Adam's
+    moments restart, a different run from the one resumed. Refuse it, with the ways out."""
+    if checkpoint.is_dir() and not any(any(checkpoint.glob(pattern)) for pattern in _OPTIMIZER_STATE):
+        raise InputError(
+            f"{checkpoint} has no optimizer state (optimizer.pt; a checkpoint saved with --save_only_model, or the "
+            "file was lost), so it cannot be resumed exactly. Restore the file, resume an older checkpoint with "
+            f"--resume_from_checkpoint, or train on from its weights as a new run: --model_name_or_path {checkpoint} "
+            "with another --output_dir."
+        )
 
 
 class ReadableCheckpoints(TrainerCallback):

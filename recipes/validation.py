@@ -353,7 +353,34 @@ def load_task_dataset(
         )
     if len(dataset) == 0:
         raise InputError(f"{flag} {name!r} ({split}) has no rows")
-    return _as_chat_messages(dataset, [column for column in columns if column in CHAT_COLUMNS])
+    chats = [column for column in columns if column in CHAT_COLUMNS]
+    for column in chats:
+        _check_chat_column(dataset, column, f"{flag} {name!r} ({split})")
+    return _as_chat_messages(dataset, chats)
+
+
+# The roles Llama 4's chat template renders; any other (a typo such as "usr") would be rendered as a header
+# the model never saw in training, silently.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
+
+
+def _check_chat_column(dataset: Dataset, column: str, where: str) -> None:
+    """A chat column is plain strings or lists of {"role", "content"} messages with known roles."""
+    if getattr(dataset.features[column], "dtype", None) in ("string", "large_string"):
+        return
+    for number, messages in enumerate(dataset[column], 1):
+        if not isinstance(messages, list) or not messages:
+            raise InputError(
+                f"{where}, row {number}: `{column}` is {_describe(messages)}; it must be a string or a non-empty "
+                'list of messages like {"role": "user", "content": "..."}'
+            )
+        for message in messages:
+            role = message.get("role") if isinstance(message, dict) else None
+            if role not in CHAT_ROLES or "content" not in message:
+                raise InputError(
+                    f"{where}, row {number}: `{column}` has the message {_describe(message)}; each message is "
+                    f'{{"role": ..., "content": ...}} with a role from {list(CHAT_ROLES)}'
+                )
 
 
 # Columns the recipes read as chat messages, with the role a plain string in them is given.

@@ -226,6 +226,24 @@ def test_pretraining_corpus_without_text(tmp_path, no_model):
         load_task_dataset(str(data), "train", ("text",))
 
 
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([{"role": "usr", "content": "2+2?"}], r"row 2: `prompt` has the message \{\"role\": \"usr\".*'user'"),
+        ([{"role": "user"}, {"content": "2+2?"}], r"row 2: `prompt` has the message .*with a role from"),
+        ([], r"row 2: `prompt` is \[\]; it must be a string or a non-empty list"),
+    ],
+)
+def test_chat_messages_with_a_mistyped_role_are_named(tmp_path, prompt, message):
+    data = tmp_path / "train.jsonl"
+    good = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}], "answer": "2"}
+    write_jsonl(data, [good, {"prompt": prompt, "answer": "4"}])
+    with pytest.raises(InputError, match=message):
+        load_task_dataset(str(data), "train", ("prompt", "answer"))
+    write_jsonl(data, [good, good])
+    assert load_task_dataset(str(data), "train", ("prompt", "answer"))["prompt"][1] == good["prompt"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config overrides
 # ---------------------------------------------------------------------------------------------------------------

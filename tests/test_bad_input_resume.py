@@ -231,3 +231,23 @@ def test_overwrite_keeps_files_in_a_directory_no_recipe_wrote(tmp_path):
     script_args, training_args, model_args = parsed(tmp_path, "--overwrite_output_dir", "true")
     prepare_run(model_args, script_args, training_args)
     assert (tmp_path / "README.md").read_text() == (tmp_path / "config.json").read_text() == "the user's own"
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_with_the_ways_out(tmp_path):
+    from types import SimpleNamespace
+
+    from recipes.common import train_resumably
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    untouched = SimpleNamespace()  # add_callback / train would raise AttributeError: nothing may start
+    args = SimpleNamespace(resume_from_checkpoint=str(checkpoint), output_dir=str(tmp_path))
+    with pytest.raises(
+        InputError, match=r"checkpoint-2 has no optimizer state.*--save_only_model.*--model_name_or_path"
+    ):
+        train_resumably(untouched, args)
+    (checkpoint / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(AttributeError):  # now it resumes: the trainer is asked to train
+        train_resumably(untouched, args)

@@ -1,5 +1,7 @@
 """KV cache, incremental decoding, generate(), and temperature tuning from true positions."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -126,6 +128,64 @@ def test_static_cache_greedy_generate_equals_builtin(tmp_path, monkeypatch, batc
     want = builtin.generate(prompt, **kwargs)
     assert torch.equal(ours.generate(prompt, cache_implementation="static", **kwargs), want)
     assert torch.equal(ours.generate(prompt, **kwargs), want)
+
+
+GENERATE_MODES = {
+    "sample": dict(do_sample=True, top_k=10, top_p=0.7, temperature=0.7, num_return_sequences=2),
+    "beam search": dict(num_beams=2, num_return_sequences=2, length_penalty=2.0),
+    "beam sample": dict(do_sample=True, num_beams=2),
+    "processors": dict(bad_words_ids=[[1, 0]], repetition_penalty=1.2, no_repeat_ngram_size=2, min_new_tokens=5),
+    "no cache": dict(use_cache=False),
+    "scores and logits": dict(return_dict_in_generate=True, output_scores=True, output_logits=True),
+    "beam scores": dict(num_beams=2, return_dict_in_generate=True, output_scores=True),
+    "attentions, hidden states": dict(return_dict_in_generate=True, output_attentions=True, output_hidden_states=True),
+}
+
+
+@pytest.mark.parametrize("mode", GENERATE_MODES)
+def test_generate_modes_equal_builtin(tmp_path, mode):
+    """generate()'s other decoding modes and outputs (the GenerationTesterMixin list) give the built-in's tokens,
+    scores and per-step output shapes on the same weights; the prompt (15 tokens) spans a chunk boundary."""
+    ours, builtin = _pair(tmp_path, eos_token_id=None)
+    ours.set_attn_implementation("eager")  # attention weights: both then return them
+    builtin.set_attn_implementation("eager")
+    prompt, attention_mask = _left_padded(2, 15, 3)
+    kwargs = dict(max_new_tokens=6, attention_mask=attention_mask, pad_token_id=0, **GENERATE_MODES[mode])
+    outputs = []
+    for model in (ours, builtin):
+        torch.manual_seed(0)
+        outputs.append(model.generate(prompt, **kwargs))
+    got, want = outputs
+    if isinstance(want, torch.Tensor):
+        assert torch.equal(got, want)
+        return
+    assert torch.equal(got.sequences, want.sequences)
+    for name in ("scores", "logits"):
+        for step_got, step_want in zip(getattr(got, name) or (), getattr(want, name) or (), strict=True):
+            torch.testing.assert_close(step_got, step_want, atol=1e-4, rtol=1e-4)
+    for name in ("attentions", "hidden_states"):
+        shapes_got = [[t.shape for t in step] for step in getattr(got, name) or ()]
+        assert shapes_got == [[t.shape for t in step] for step in getattr(want, name) or ()], name
+
+
+def test_generate_continues_from_its_cache_and_assisted_decoding_equals_greedy(tmp_path):
+    """A second generate() on the first one's cache gives the tokens of one longer call; an assistant model
+    (speculative decoding) and prompt lookup give greedy's tokens; the 20-token prompt spans a chunk boundary."""
+    ours, builtin = _pair(tmp_path, eos_token_id=None)
+    prompt = torch.randint(3, 96, (1, 20))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), pad_token_id=0, do_sample=False)
+    longer = ours.generate(prompt, max_new_tokens=10, **kwargs)
+    assert torch.equal(longer, builtin.generate(prompt, max_new_tokens=10, **kwargs))
+    first = ours.generate(prompt, max_new_tokens=6, return_dict_in_generate=True, **kwargs)
+    mask = torch.ones_like(first.sequences)
+    cache = first.past_key_values
+    assert cache.get_seq_length() == 25  # the last token is not run yet
+    rest = dict(pad_token_id=0, do_sample=False, max_new_tokens=4, cache=cache)
+    assert torch.equal(ours.generate(first.sequences, attention_mask=mask, **rest), longer)
+    assert cache.get_seq_length() == 29  # the second call ran on (and grew) the first one's cache
+    assistant = copy.deepcopy(ours)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=10, assistant_model=assistant, **kwargs), longer)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=10, prompt_lookup_num_tokens=3, **kwargs), longer)
 
 
 def test_static_cache_incremental_decoding_equals_full_forward():
