@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetNotFoundError
 from trl import DPOConfig, TrlParser
 
 from eval.files import write_json_atomic
@@ -343,7 +344,18 @@ def load_task_dataset(
     else:
         if Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1:
             raise InputError(f"{flag}: no such file or directory {name!r}; a Hub dataset id looks like org/name")
-        dataset = load_dataset(name, split=split)
+        try:
+            dataset = load_dataset(name, split=split)
+        except DatasetNotFoundError:
+            raise InputError(
+                f"{flag} {name!r}: no such dataset on the Hub (misspelt, or private: log in with `hf auth login`), "
+                "and no local file or directory of that name"
+            ) from None
+        except ConnectionError as error:  # offline, or HF_HUB_OFFLINE=1 and not in the cache
+            raise InputError(
+                f"{flag} {name!r}: {error}. Without a network, give a local file or a directory with train.jsonl "
+                "(and test.jsonl); a Hub dataset read once before is found in the cache with HF_HUB_OFFLINE=1"
+            ) from None
     missing = [column for column in columns if column not in dataset.column_names]
     if missing:
         raise InputError(

@@ -226,6 +226,15 @@ def test_pretraining_corpus_without_text(tmp_path, no_model):
         load_task_dataset(str(data), "train", ("text",))
 
 
+def test_a_hub_dataset_id_that_cannot_be_reached_offline_says_what_to_do(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match=r"--dataset_name 'someorg/no-such-data': Couldn't reach.*local file"):
+        load_task_dataset("someorg/no-such-data", "train", ("prompt",))
+
+
 @pytest.mark.parametrize(
     "prompt, message",
     [
