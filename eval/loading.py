@@ -7,6 +7,7 @@ stays the model alone (it ships as Hub remote code, where a CLI loader has no pl
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from pathlib import Path
@@ -86,7 +87,8 @@ def torch_dtype(dtype: Any) -> Any:
 
 
 def _check_overrides(overrides: dict[str, Any], config: Any, flag: str) -> None:
-    known = set(config.to_dict())
+    # `to_dict` leaves out fields still at None (the `metap_base_*` ones): the dataclass fields name them all.
+    known = set(config.to_dict()) | {field.name for field in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}

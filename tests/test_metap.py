@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.metap import RULES, metap_group, metap_param_groups, metap_shape
+from modeling_llama4.metap import RULES, metap_enabled, metap_group, metap_param_groups, metap_shape
 
 from conftest import tiny_text_kwargs
 
@@ -271,6 +271,19 @@ def test_recipe_flags_reach_the_config():
     assert args.model_config_overrides == {"hidden_size": 64, "metap_base_hidden_size": 32}
     with pytest.raises(ValueError, match="without --metap true"):
         with_metap_overrides(PretrainScriptArguments(metap_base_hidden_size=32))
+
+
+def test_recipe_base_flags_build_a_metap_model_from_a_config_without_them():
+    """hub_configs/tiny's config.json has no `metap_base_*` entries; the overrides check must still know them."""
+    from eval.loading import load_causal_lm
+    from recipes.metap import with_metap_overrides
+    from recipes.pretrain import PretrainScriptArguments
+
+    base = dict(metap_base_hidden_size=32, metap_base_num_hidden_layers=2, metap_base_intermediate_size=16)
+    args = PretrainScriptArguments(metap=True, metap_base_num_local_experts=4, **base)
+    with_metap_overrides(args)
+    model = load_causal_lm("hub_configs/tiny", config_overrides=args.model_config_overrides, from_scratch=True)
+    assert model.config.metap_base_hidden_size == 32 and metap_enabled(model.config)
 
 
 def test_folding_a_forward_multiplier_into_the_weight_is_exact_under_adamw():
