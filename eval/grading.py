@@ -218,14 +218,17 @@ def _run_in_subprocess(prediction: str, gold: str, timeout_seconds: float) -> bo
         process.join(1.0)
 
 
-def math_answer_correct(prediction: str, gold: str, timeout_seconds: float = 5.0) -> bool:
+def math_answer_correct(prediction: str, gold: str | int | float, timeout_seconds: float = 5.0) -> bool:
     """Whether a model output states the gold answer, by math-verify `verify(parse(gold), parse(prediction))`.
 
     `prediction` is a full output (chain of thought, `\\boxed{}` or "The final answer is ..."); `gold` a bare answer
     such as MATH-500's `answer` field (`\\frac{1}{2}`, `(3, \\frac{\\pi}{2})`) or a text with `\\boxed{}`. Gold is
     parsed first because math-verify's comparison is not symmetric (gold decides intervals vs. sets etc.). Never
-    raises: unparsable input, any error and running past `timeout_seconds` give False.
+    raises: unparsable input, any error and running past `timeout_seconds` give False. A numeric gold (a JSON
+    number in the data: `"answer": 5`) is read as its decimal text.
     """
+    if isinstance(gold, int | float) and not isinstance(gold, bool):
+        gold = str(gold)
     if not isinstance(prediction, str) or not isinstance(gold, str) or not prediction.strip() or not gold.strip():
         return False
     verdict = _integer_answer_verdict(prediction, gold)

@@ -96,6 +96,12 @@ def test_math_answer_correct_rejects_without_raising(prediction, gold):
     assert math_answer_correct(prediction, gold) is False
 
 
+def test_numeric_gold_answers_from_json_data_are_graded():
+    """A data file with `"answer": 5` (a JSON number) must be graded like "5", not scored 0 silently."""
+    assert math_answer_correct(r"\boxed{5}", 5) and math_answer_correct(r"so $\boxed{0.5}$", 0.5)
+    assert not math_answer_correct(r"\boxed{6}", 5) and not math_answer_correct(r"\boxed{1}", True)
+
+
 def test_math_answer_correct_times_out_as_false(monkeypatch):
     def slow(prediction, gold):
         time.sleep(5)
