@@ -9,12 +9,15 @@ other. The subclass adds validation with errors that name the fix, and accepts t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import functools
 import re
 from collections.abc import Iterator
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama4.configuration_llama4 import Llama4Config as _BuiltinLlama4Config
 from transformers.models.llama4.configuration_llama4 import Llama4TextConfig as _BuiltinLlama4TextConfig
@@ -80,6 +83,7 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Llama4TextConfig:
         _refuse_other_architectures(cls, config_dict)
+        config_dict = _rederive_lists(config_dict, kwargs)
         # `from_pretrained(path, num_experts_per_tok=9)` sets such kwargs after construction: check again.
         with _readable_field_errors(cls.__name__):
             loaded = super().from_dict(config_dict, **kwargs)
@@ -87,6 +91,22 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
         return loaded
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # The built-in derives the layer lists from these before any check (a 0 divides by zero there).
+        for name in ("interleave_moe_layer_step", "no_rope_layer_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(
+                    f"Invalid {type(self).__name__}: {name}={getattr(self, name)} must be positive. Every n-th layer "
+                    f"is MoE / NoPE: 1 (Scout) or 2 (Maverick) for interleave_moe_layer_step, 4 for no_rope_layer_interval."
+                )
+        fields = [field.name for field in dataclasses.fields(self)]
+        for key in kwargs:
+            # Unknown keys are kept (configs from later versions load), but a near-miss is most likely a typo that
+            # would otherwise leave the field at its Scout-sized default.
+            if key not in fields and (close := difflib.get_close_matches(key, fields, n=1, cutoff=0.85)):
+                logger.warning(
+                    f"{type(self).__name__} got {key!r}, which is not one of its fields: did you mean {close[0]!r}? "
+                    f"It is kept as an extra attribute and {close[0]} stays {getattr(self, close[0])!r}."
+                )
         super().__post_init__(**kwargs)
         self.check_fields()
 
@@ -144,6 +164,22 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
             )
         if self.floor_scale <= 0:
             fail(f"floor_scale={self.floor_scale} must be positive", "The released models use 8192.")
+        if self.rms_norm_eps <= 0:
+            fail(f"rms_norm_eps={self.rms_norm_eps} must be positive", "The released models use 1e-5.")
+        if self.hidden_act not in ACT2FN:
+            fail(f"unknown hidden_act {self.hidden_act!r}", "The released models use 'silu'.")
+        missing = _missing_rope_keys(self.rope_parameters or {})
+        if missing:
+            fail(
+                f"rope_parameters of rope_type {rope_type!r} lack {missing}",
+                "Scout's are {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 16.0, 'low_freq_factor': "
+                "1.0, 'high_freq_factor': 1.0, 'original_max_position_embeddings': 8192}.",
+            )
+        if self.attention_chunk_size is None and "chunked_attention" in (self.layer_types or []):
+            fail(
+                "layer_types has chunked_attention layers but attention_chunk_size is null",
+                "Give a chunk size, or drop layer_types (it is then derived: all layers global without a chunk).",
+            )
         unusable = sorted(set(self.layer_types or []) - {"full_attention", "chunked_attention"})
         if unusable:
             fail(
@@ -161,6 +197,39 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
     def num_experts(self) -> int:
         """Alias of `num_local_experts`, the name TRL and other MoE code read."""
         return self.num_local_experts
+
+
+# Lists config.json stores but the built-in derives from other fields; changing a source field alone (an override,
+# `from_pretrained(path, interleave_moe_layer_step=2)`) would leave the stored list in charge, silently.
+_DERIVED_LISTS = {
+    "interleave_moe_layer_step": ("moe_layers",),
+    "no_rope_layer_interval": ("no_rope_layers", "layer_types"),
+    "attention_chunk_size": ("layer_types",),
+    "num_hidden_layers": ("moe_layers", "no_rope_layers", "layer_types"),
+}
+
+
+def _rederive_lists(config_dict: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`config_dict` with the changed source fields in it and the lists derived from them dropped (unless the
+    overrides give those lists too), so the built-in's `__post_init__` derives them again."""
+    changed = {name for name in _DERIVED_LISTS if name in overrides and overrides[name] != config_dict.get(name)}
+    stale = {derived for name in changed for derived in _DERIVED_LISTS[name]} - set(overrides)
+    if not changed:
+        return config_dict
+    kept = {key: value for key, value in config_dict.items() if key not in stale}
+    return {**kept, **{name: overrides[name] for name in changed}}
+
+
+def _missing_rope_keys(rope_parameters: dict[str, Any]) -> list[str]:
+    """The parameters transformers' RoPE initialiser for this rope_type reads (a KeyError when the model is built)."""
+    required = {
+        "linear": ["factor"],
+        "dynamic": ["factor"],
+        "yarn": ["factor"],
+        "longrope": ["short_factor", "long_factor"],
+        "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+    }
+    return [key for key in required.get(rope_parameters.get("rope_type", "default"), []) if key not in rope_parameters]
 
 
 @contextlib.contextmanager

@@ -23,6 +23,15 @@ from conftest import tiny_text_kwargs
         ({"layer_types": ["full_attention", "chunked_atention"] * 2}, r"layer_types has \['chunked_atention'\]"),
         ({"layer_types": ["sliding_attention"] * 4}, r"layer_types has \['sliding_attention'\]. Llama 4 layers"),
         ({"pad_token_id": 10_000}, r"pad_token_id=10000 is outside the vocabulary"),
+        ({"interleave_moe_layer_step": 0}, "interleave_moe_layer_step=0 must be positive"),
+        ({"no_rope_layer_interval": 0}, "no_rope_layer_interval=0 must be positive"),
+        ({"rms_norm_eps": -1.0}, "rms_norm_eps=-1.0 must be positive"),
+        ({"hidden_act": "gelu_fast_typo"}, "unknown hidden_act 'gelu_fast_typo'"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, r"rope_type 'llama3' lack \['factor'"),
+        (
+            {"attention_chunk_size": None, "layer_types": ["chunked_attention"] * 4},
+            "chunked_attention layers but attention_chunk_size is null",
+        ),
     ],
 )
 def test_invalid_config_names_the_problem(overrides, message):
@@ -114,6 +123,36 @@ def test_from_pretrained_keyword_overrides_are_validated(saved_tiny, overrides, 
         Llama4ForCausalLM.from_pretrained(saved_tiny, **overrides)
     with pytest.raises(ValueError, match=message):
         Llama4TextConfig.from_pretrained(saved_tiny, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "moe_layers", "layer_types"),
+    [
+        ({"interleave_moe_layer_step": 2}, [1, 3], ["chunked_attention", "full_attention"] * 2),
+        ({"no_rope_layer_interval": 4}, [0, 1, 2, 3], ["chunked_attention"] * 3 + ["full_attention"]),
+        ({"attention_chunk_size": None}, [0, 1, 2, 3], ["full_attention"] * 4),
+        ({"num_hidden_layers": 6}, list(range(6)), ["chunked_attention", "full_attention"] * 3),
+    ],
+)
+def test_changing_a_field_rederives_the_layer_lists_config_json_stores(saved_tiny, overrides, moe_layers, layer_types):
+    """config.json stores `moe_layers`, `no_rope_layers` and `layer_types`; an override of the field they derive
+    from must not be outvoted by them (every layer stayed MoE after `interleave_moe_layer_step=2`)."""
+    config = Llama4TextConfig.from_pretrained(saved_tiny, **overrides)
+    assert (config.moe_layers, config.layer_types) == (moe_layers, layer_types)
+    assert len(config.no_rope_layers) == config.num_hidden_layers
+    kept = Llama4TextConfig.from_pretrained(saved_tiny, interleave_moe_layer_step=2, moe_layers=[0])
+    assert kept.moe_layers == [0]  # a list given with it wins
+
+
+def test_a_near_miss_field_name_warns_with_the_field_it_meant(caplog):
+    with caplog.at_level(logging.WARNING):
+        config = Llama4Config(text_config={"hidden_sise": 64})
+    assert "got 'hidden_sise', which is not one of its fields: did you mean 'hidden_size'?" in caplog.text
+    assert config.text_config.hidden_size == 5120  # kept as an extra, not applied
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Llama4TextConfig(**tiny_text_kwargs(project_note="extra keys are kept silently"))
+    assert "not one of its fields" not in caplog.text
 
 
 def test_string_number_in_config_json_names_the_field(saved_tiny):
