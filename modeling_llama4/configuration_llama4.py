@@ -210,14 +210,14 @@ _DERIVED_LISTS = {
 
 
 def _rederive_lists(config_dict: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`config_dict` with the changed source fields in it and the lists derived from them dropped (unless the
-    overrides give those lists too), so the built-in's `__post_init__` derives them again."""
+    """`config_dict` with the changed source fields (and any lists the overrides give with them) in it and the other
+    lists derived from them dropped, so the built-in's `__post_init__` derives those again, consistently."""
     changed = {name for name in _DERIVED_LISTS if name in overrides and overrides[name] != config_dict.get(name)}
-    stale = {derived for name in changed for derived in _DERIVED_LISTS[name]} - set(overrides)
     if not changed:
         return config_dict
-    kept = {key: value for key, value in config_dict.items() if key not in stale}
-    return {**kept, **{name: overrides[name] for name in changed}}
+    affected = {derived for name in changed for derived in _DERIVED_LISTS[name]}
+    kept = {key: value for key, value in config_dict.items() if key not in affected}
+    return {**kept, **{name: overrides[name] for name in changed | (affected & set(overrides))}}
 
 
 def _missing_rope_keys(rope_parameters: dict[str, Any]) -> list[str]:

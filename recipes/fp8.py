@@ -289,6 +289,11 @@ class _Fp8ExpertsMixin:
     _fp8_weight_class: type[_Fp8ExpertWeight] = _EmulatedFp8ExpertWeight
     _FP8_WEIGHTS = ("gate_up_proj", "down_proj")
 
+    def _path(self, rows: torch.Tensor, num_assignments: int) -> str:
+        # The FP8 GEMM stands in for the grouped GEMM only: decode-sized batches (held-out evaluation, judge
+        # sampling, RL rollouts during a run) take it too, in FP8 like training, not the gathered or dense bmm.
+        return "sorted"
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         # The parameters themselves stay plain (FSDP2 puts its all-gathered weights in `_parameters` before this
         # runs); the views exist for this call only and are differentiable aliases of them.

@@ -323,6 +323,21 @@ def test_recipe_switch_converts_the_policy(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_a_converted_model_generates_with_its_experts_in_fp8():
+    """Generation during a run (held-out evaluation, sampling) takes the FP8 grouped GEMM too: decode-sized batches
+    would otherwise pick the gathered / dense bmm paths, which FP8 weights refuse."""
+    model = convert_model_to_fp8(_tiny(), emulate=True).eval()
+    prompt = torch.randint(3, 100, (2, 5))
+    calls = []
+    original = fp8._emulated_fp8_grouped_mm
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fp8, "_emulated_fp8_grouped_mm", lambda *args: calls.append(1) or original(*args))
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 8)
+    layers = sum(isinstance(m, moe.Llama4TextExperts) for m in model.modules())
+    assert len(calls) == 3 * 2 * layers  # 3 forwards (prefill, 2 decode steps) x 2 GEMMs x MoE layers
+
+
 def test_real_fp8_without_an_fp8_gpu_is_refused_and_names_emulation():
     model = _tiny()
     with pytest.raises(Fp8UnsupportedError, match=r"Hopper.*no CUDA device.*emulate=True"):
