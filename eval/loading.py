@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def check_model_path(path: str | os.PathLike, flag: str = "--model_name_or_path"
     text = str(path)
     local = Path(text).expanduser()
     if local.is_dir():
+        if need_config and (base := adapter_base(local, flag)) is not None:
+            check_model_path(base, f"{flag} {text!r}: its adapter's base_model_name_or_path")
+            return
         if need_config and not (local / "config.json").is_file():
             raise InputError(
                 f"{flag} {text!r} is a directory without config.json: give the directory a model was saved to "
@@ -59,6 +63,47 @@ def check_model_path(path: str | os.PathLike, flag: str = "--model_name_or_path"
         hub_form = False
     if not hub_form:
         raise InputError(f"{flag}: no such directory {text!r}; {HUB_ID_HINT}")
+
+
+def adapter_base(path: str | os.PathLike, flag: str = "--model_name_or_path") -> str | None:
+    """The base model of a PEFT adapter directory (`adapter_config.json` and no `config.json`, what a recipe run
+    with `--use_peft` saves), else None."""
+    local = Path(str(path)).expanduser()
+    if not (local / "adapter_config.json").is_file() or (local / "config.json").is_file():
+        return None
+    try:
+        base = json.loads((local / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not isinstance(base, str) or not base:
+        raise InputError(
+            f"{flag} {str(path)!r} holds a PEFT adapter whose adapter_config.json names no base_model_name_or_path: "
+            "add the base model's path there, or merge the adapter into its base (merge_and_unload) and give that"
+        )
+    return base
+
+
+def _merged_adapter(path: str, base: str, flag: str, **load_kwargs: Any):
+    """The base model with the adapter at `path` merged in: for an adapter trained on int4 experts (the run's
+    manifest says `load_in_int4`), merged into the dequantized int4 base it was trained on, as `merge_int4_lora`."""
+    from peft import PeftModel
+
+    from modeling_llama4 import Int4Config, quantize_model
+
+    requested = load_kwargs.pop("quantization_config", None)  # for the merged model (e.g. QLoRA on an SFT adapter)
+    manifest = Path(path).expanduser() / "run_manifest.json"
+    settings = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+    if settings.get("load_in_int4"):
+        from modeling_llama4.int4_lora import load_int4_adapter, merge_int4_lora
+
+        int4 = Int4Config(group_size=settings.get("int4_group_size", 128))
+        model = load_causal_lm(base, flag=f"{flag} (adapter base)", quantization_config=int4, **load_kwargs)
+        merged = merge_int4_lora(load_int4_adapter(model, path), dtype=model.lm_head.weight.dtype)
+    else:
+        model = load_causal_lm(base, flag=f"{flag} (adapter base)", **load_kwargs)
+        merged = PeftModel.from_pretrained(model, path).merge_and_unload()
+    print(f"{flag} {path}: a LoRA adapter on {base}, merged into it")
+    return quantize_model(merged, requested) if requested is not None else merged
 
 
 def check_has_weights(path: str | os.PathLike, flag: str = "--model_name_or_path", fix: str | None = None) -> None:
@@ -147,6 +192,9 @@ def load_causal_lm(
     from modeling_llama4 import Llama4ForCausalLM
 
     check_model_path(path, flag)
+    if not from_scratch and (base := adapter_base(path, flag)) is not None:
+        load_kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, config_overrides=config_overrides)
+        return _merged_adapter(str(path), base, flag, overrides_flag=overrides_flag, **load_kwargs, **kwargs)
     overrides = dict(config_overrides or {})
     dtype = torch_dtype(dtype)
     config = _load_config(path, flag, trust_remote_code)

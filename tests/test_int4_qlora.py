@@ -104,3 +104,27 @@ def test_sft_trainer_two_steps_then_save_load_merge_and_requantize(tmp_path):
     assert isinstance(requantized.model.layers[0].feed_forward.experts, Int4TextExperts)
     with torch.no_grad():
         assert (requantized(ids).logits - adapted).abs().max() < 0.1
+
+
+def test_a_qlora_adapter_directory_loads_merged_into_the_int4_base_it_was_trained_on(tmp_path):
+    """A `--load_in_int4 --use_peft` run's output (its manifest says load_in_int4) loads as `merge_int4_lora` of
+    the adapter on the int4 base; asked for int4 again (`--load_in_int4` in the next stage), it is re-quantized."""
+    import json
+
+    from eval.loading import load_causal_lm
+
+    model = int4_tiny(tmp_path)
+    adapted = get_peft_model(model, int4_lora_config(r=4, lora_dropout=0.0))
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    adapted.save_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "run_manifest.json").write_text(json.dumps({"load_in_int4": True, "int4_group_size": 32}))
+    batch = torch.randint(3, 800, (2, 12))
+    with torch.no_grad():
+        want = adapted.eval()(batch).logits
+        merged = load_causal_lm(str(tmp_path / "run"), dtype=torch.float32)
+        torch.testing.assert_close(merged(batch).logits, want, atol=1e-4, rtol=1e-4)
+        assert not merged.is_quantized
+        again = load_causal_lm(str(tmp_path / "run"), dtype=torch.float32, quantization_config=Int4Config(32))
+        assert again.is_quantized and any(isinstance(m, Int4TextExperts) for m in again.modules())

@@ -69,3 +69,29 @@ def test_expert_lora_trains_saves_loads_and_merges_exactly(tmp_path):
         torch.testing.assert_close(merged(input_ids).logits, adapted, rtol=1e-5, atol=1e-5)
     experts_after = merged.model.layers[0].feed_forward.experts.gate_up_proj
     assert not torch.equal(experts_after, experts_before)  # the expert adapter was merged in
+
+
+def test_an_adapter_directory_loads_as_its_base_with_the_adapter_merged(tmp_path):
+    """What `--use_peft true` saves (adapter_config.json, no config.json) is a model the next recipe or
+    `python -m eval --model` takes: the base it names, with the adapter merged."""
+    import pytest
+
+    from eval.loading import InputError, check_model_path, load_causal_lm
+
+    _base().save_pretrained(tmp_path / "base")
+    base = Llama4ForCausalLM.from_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear", target_parameters=EXPERTS)
+    adapted = get_peft_model(base, config)
+    _train_a_few_steps(adapted)
+    adapted.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    check_model_path(tmp_path / "adapter")
+    merged = load_causal_lm(str(tmp_path / "adapter"))
+    batch = torch.randint(3, 800, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(batch).logits, adapted.eval()(batch).logits, atol=1e-5, rtol=1e-5)
+    assert not isinstance(merged, PeftModel)
+
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(InputError, match="names no base_model_name_or_path"):
+        check_model_path(tmp_path / "adapter")
