@@ -109,13 +109,15 @@ class TaskArguments:
     )
 
 
-def task_datasets(args: TaskArguments, columns: tuple[str, ...] = ()) -> tuple[Dataset, Dataset | None]:
+def task_datasets(
+    args: TaskArguments, columns: tuple[str, ...] = (), optional: tuple[str, ...] = ()
+) -> tuple[Dataset, Dataset | None]:
     """(train, held-out test) splits: the synthetic task, or `dataset_name` in the same columns (`prompt`, `answer`
-    and the recipe's `columns`), checked by `recipes.validation.load_task_dataset`."""
+    unless `optional`, and the recipe's `columns`), checked by `recipes.validation.load_task_dataset`."""
     if args.dataset_name:
-        needed = ("prompt", "answer", *columns)
+        needed = ("prompt", *(() if "answer" in optional else ("answer",)), *columns)
         train = load_task_dataset(
-            args.dataset_name, args.dataset_train_split, needed, split_flag="--dataset_train_split"
+            args.dataset_name, args.dataset_train_split, needed, split_flag="--dataset_train_split", optional=optional
         )
         test = None
         if args.heldout_problems:

@@ -198,8 +198,9 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
                     "like org/name"
                 ) from None
     _at_least(script_args, "heldout_problems", 0)
-    for name in ("heldout_batch_size", "heldout_max_new_tokens", "judge_samples", "pair_samples", "corpus_documents"):
+    for name in ("heldout_batch_size", "heldout_max_new_tokens", "judge_samples", "corpus_documents"):
         _at_least(script_args, name, 1)
+    _at_least(script_args, "pair_samples", 2)  # a pair needs two answers to compare
     for name in MERGED_MAPPINGS:
         if hasattr(script_args, name):
             setattr(script_args, name, parse_mapping(getattr(script_args, name), f"--{name}") or None)
@@ -313,10 +314,16 @@ def _data_files(path: Path, flag: str) -> tuple[str, list[Path]]:
 
 
 def load_task_dataset(
-    name: str, split: str, columns: Sequence[str] = (), flag: str = "--dataset_name", split_flag: str = ""
+    name: str,
+    split: str,
+    columns: Sequence[str] = (),
+    flag: str = "--dataset_name",
+    split_flag: str = "",
+    optional: Sequence[str] = (),
 ) -> Dataset:
     """Split `split` of a Hub dataset, a local directory or a single data file, with `columns` present and at least
-    one row; every failure names the flag, the path (and line) and the fix."""
+    one row; `optional` columns are checked (chat messages) where present. Every failure names the flag, the path
+    (and line) and the fix."""
     path = Path(name).expanduser()
     if path.exists():
         builder, files = _data_files(path, flag)
@@ -365,7 +372,8 @@ def load_task_dataset(
         )
     if len(dataset) == 0:
         raise InputError(f"{flag} {name!r} ({split}) has no rows")
-    chats = [column for column in columns if column in CHAT_COLUMNS]
+    present = [*columns, *(column for column in optional if column in dataset.column_names)]
+    chats = [column for column in present if column in CHAT_COLUMNS]
     for column in chats:
         _check_chat_column(dataset, column, f"{flag} {name!r} ({split})")
     return _as_chat_messages(dataset, chats)

@@ -313,6 +313,42 @@ def test_invalid_dpo_loss_type_before_any_sampling(tmp_path, no_model, monkeypat
         run("dpo", tmp_path, "--loss_type", "sigmod")
 
 
+def test_dpo_refuses_pair_samples_below_two(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--pair_samples 1: must be at least 2"):
+        run("dpo", tmp_path, "--pair_samples", "1")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "2+2?", "chosen": "4"}, r"has a `chosen` column but no `rejected`"),
+        ({"prompt": "2+2?", "reply": "4"}, r"has neither `chosen` and `rejected` replies .* nor an `answer`"),
+    ],
+)
+def test_dpo_data_without_pairs_or_answers_is_named(tmp_path, row, message):
+    write_jsonl(tmp_path / "pairs.jsonl", [row] * 4)
+    with pytest.raises(InputError, match=message):
+        run("dpo", tmp_path, "--dataset_name", str(tmp_path / "pairs.jsonl"), "--heldout_problems", "0",
+            "--from_scratch", "true")  # fmt: skip
+
+
+def test_dpo_trains_on_the_preference_pairs_the_data_brings(tmp_path, monkeypatch):
+    """TRL's preference format (`prompt`, `chosen`, `rejected`; no `answer`) is trained on as given."""
+    from recipes import dpo
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled pairs although the data has its own")
+
+    monkeypatch.setattr(dpo, "cached_samples", no_sampling)
+    rows = [{"prompt": f"{i}+1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(8)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    results = run("dpo", tmp_path, "--dataset_name", str(tmp_path / "pairs.jsonl"), "--heldout_problems", "0",
+                  "--from_scratch", "true", "--per_device_train_batch_size", "4", "--max_length", "64")  # fmt: skip
+    assert results["pairs"] == {"prompts": 8, "pairs": 8, "given": True}
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert results["log_history"][-1]["train_loss"] > 0  # DPO's loss on the given pairs (log 2 at the start)
+
+
 def test_dpo_loss_types_are_those_trl_computes():
     import inspect
 
