@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trl import ModelConfig
@@ -34,7 +35,8 @@ from recipes.common import (
     train_resumably,
 )
 from recipes.trainers import CoDistillationConfig, CoDistillationTrainer, write_teacher_topk
-from recipes.validation import run_recipe
+from recipes.trainers.teachers import METADATA
+from recipes.validation import InputError, check_arguments, parse_mapping, run_recipe
 
 
 @dataclass
@@ -53,6 +55,55 @@ class CoDistillScriptArguments(TaskArguments):
     write_teacher_logits_only: bool = field(
         default=False, metadata={"help": "Write the teacher logits to teacher_logits_path, then exit."}
     )
+
+
+def _vocab_size(path: str, overrides: Any, flag: str, overrides_flag: str) -> int | None:
+    """The vocabulary a model at `path` (with its config overrides) predicts over, read from its config alone."""
+    from transformers import AutoConfig
+
+    vocab = parse_mapping(overrides, overrides_flag).get("vocab_size")
+    if vocab is None:
+        try:
+            vocab = AutoConfig.from_pretrained(path).get_text_config().vocab_size
+        except (OSError, ValueError):  # a Hub id offline: the loading itself says so, with its own message
+            return None
+    return vocab
+
+
+def check_teacher(script_args: CoDistillScriptArguments, training_args: CoDistillationConfig, model_args) -> None:
+    """The teacher settings, checked from the configs before either model loads (the trainer's own checks run
+    with both models in memory)."""
+    teacher, logits = training_args.teacher_model_name_or_path, training_args.teacher_logits_path
+    if not teacher and not logits:
+        raise InputError(
+            "codistillation needs a teacher: --teacher_model_name_or_path (a model run beside the student) or "
+            "--teacher_logits_path (top-k logits written earlier, or to write with the teacher given too)"
+        )
+    if logits and not teacher and not (Path(logits).expanduser() / METADATA).is_file():
+        raise InputError(
+            f"--teacher_logits_path {logits!r} holds no teacher logits ({METADATA} missing): write them first with "
+            "--teacher_model_name_or_path given too (and --write_teacher_logits_only true to stop after that)"
+        )
+    student = _vocab_size(
+        model_args.model_name_or_path, script_args.model_config_overrides, "--model_name_or_path",
+        "--model_config_overrides",
+    )  # fmt: skip
+    if teacher:
+        teacher_vocab = _vocab_size(
+            teacher, script_args.teacher_config_overrides, "--teacher_model_name_or_path", "--teacher_config_overrides"
+        )
+        if None not in (student, teacher_vocab) and student != teacher_vocab:
+            raise InputError(
+                f"the student predicts over {student} tokens but the teacher --teacher_model_name_or_path {teacher!r} "
+                f"over {teacher_vocab}: distillation compares next-token distributions, so they must share the "
+                "tokenizer and vocabulary"
+            )
+        top_k = script_args.teacher_logits_top_k
+        if logits and teacher_vocab is not None and not 2 <= top_k < teacher_vocab:
+            raise InputError(
+                f"--teacher_logits_top_k {top_k}: must be from 2 to {teacher_vocab - 1} (below the teacher's "
+                "vocabulary); 32 keeps almost all of a trained teacher's probability mass"
+            )
 
 
 def load_teacher_model(script_args: CoDistillScriptArguments, training_args: CoDistillationConfig, model_args):
@@ -75,6 +126,8 @@ def load_teacher_model(script_args: CoDistillScriptArguments, training_args: CoD
 def main(
     script_args: CoDistillScriptArguments, training_args: CoDistillationConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
+    check_arguments(script_args, training_args, model_args)  # paths and values first (again in prepare_run)
+    check_teacher(script_args, training_args, model_args)
     model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
     train, heldout = task_datasets(script_args, ("completion",))
     train = train.select_columns(["prompt", "completion"] + (["answer"] if training_args.seq_kd else []))

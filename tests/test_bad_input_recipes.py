@@ -313,6 +313,37 @@ def test_invalid_dpo_loss_type_before_any_sampling(tmp_path, no_model, monkeypat
         run("dpo", tmp_path, "--loss_type", "sigmod")
 
 
+TEACHER = [
+    "--teacher_model_name_or_path",
+    "hub_configs/tiny",
+    "--teacher_from_scratch",
+    "true",
+    "--from_scratch",
+    "true",
+]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--from_scratch", "true"], r"codistillation needs a teacher: --teacher_model_name_or_path .* or"),
+        (
+            ["--from_scratch", "true", "--teacher_logits_path", "LOGITS"],
+            r"--teacher_logits_path '.*' holds no teacher logits \(metadata.json",
+        ),
+        (
+            [*TEACHER, "--teacher_config_overrides", '{"vocab_size": 2048}'],
+            r"over 1024 tokens but the teacher .* 2048",
+        ),
+        ([*TEACHER, "--teacher_logits_path", "LOGITS", "--teacher_logits_top_k", "5000"], r"must be from 2 to 1023"),
+    ],
+)
+def test_codistillation_teacher_mistakes_are_named_before_a_model_loads(tmp_path, no_model, argv, message):
+    argv = [str(tmp_path / "logits") if arg == "LOGITS" else arg for arg in argv]
+    with pytest.raises(InputError, match=message):
+        run("codistill", tmp_path, *argv)
+
+
 def test_dpo_refuses_pair_samples_below_two(tmp_path, no_model):
     with pytest.raises(InputError, match=r"--pair_samples 1: must be at least 2"):
         run("dpo", tmp_path, "--pair_samples", "1")
