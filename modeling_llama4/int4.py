@@ -694,8 +694,12 @@ def check_quantization_request(model_class: type, pretrained_model_name_or_path:
         kwargs["config"] = config
 
 
-def quantize_model(model: nn.Module, config: Int4Config | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, config: Int4Config | dict | None = None) -> nn.Module:
     """Quantize a built (float) Llama 4 model in place, as `from_pretrained(..., quantization_config=)` does."""
+    if isinstance(config, dict):  # as config.json / from_pretrained carry it
+        config = Int4Config.from_dict(config)
+    elif config is not None and not isinstance(config, Int4Config):
+        raise TypeError(f"quantize_model takes an Int4Config (or its dict), got {type(config).__name__}")
     config = config or Int4Config()
     if getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None), "quantization_config", None):
         raise ValueError(

@@ -404,6 +404,11 @@ def convert_model_to_fp8(model: nn.Module, emulate: bool = False) -> nn.Module:
         for fqn, m in model.named_modules()
         if getattr(m, "gate_up_proj", None) is not None and not isinstance(m, Llama4TextExperts)
     ]
+    if getattr(model, "is_quantized", False):
+        raise Fp8UnsupportedError(
+            f"{type(model).__name__} is quantized (int4 experts): FP8 training converts full-precision weights. "
+            "Load the model without quantization_config for FP8, or train LoRA adapters on the int4 model (QLoRA)"
+        )
     if other_experts:
         raise Fp8UnsupportedError(
             f"{other_experts[0]} ({type(model.get_submodule(other_experts[0])).__name__}) is not "

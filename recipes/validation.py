@@ -226,6 +226,12 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
             "--load_in_int4 true trains LoRA adapters over the int4 experts (QLoRA): add --use_peft true; "
             "the int4 weights themselves are not trainable"
         )
+    fp8 = [f"--{name} true" for name in ("fp8", "fp8_emulate") if getattr(script_args, name, False)]
+    if fp8 and getattr(script_args, "load_in_int4", False):
+        raise InputError(
+            f"{fp8[0]} and --load_in_int4 true do not combine: FP8 trains every weight through FP8 GEMMs, int4 keeps "
+            "the experts frozen for LoRA (QLoRA); choose one"
+        )
     output_dir = getattr(training_args, "output_dir", None)
     if output_dir and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise InputError(f"--output_dir {output_dir!r} is a file; give a directory for the run")
@@ -284,12 +290,17 @@ def _check_json_lines(path: Path) -> None:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise InputError(
                     f"{path}:{number}: malformed JSON ({error.msg}, column {error.colno}); a .jsonl file holds one "
                     "JSON object per line"
                 ) from None
+            if not isinstance(record, dict):
+                raise InputError(
+                    f"{path}:{number}: a JSON {type(record).__name__}, not an object; a .jsonl file holds one JSON "
+                    'object per line, e.g. {"prompt": "...", "answer": "..."}'
+                )
 
 
 def _data_files(path: Path, flag: str) -> tuple[str, list[Path]]:

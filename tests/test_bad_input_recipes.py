@@ -153,6 +153,13 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, no_model):
         run("sft", tmp_path, "--dataset_name", str(data))
 
 
+def test_a_jsonl_line_that_is_not_an_object_names_file_and_line(tmp_path, no_model):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n["2+2?", "4"]\n')
+    with pytest.raises(InputError, match=r"data.jsonl:2: a JSON list, not an object"):
+        run("sft", tmp_path, "--dataset_name", str(data))
+
+
 def test_malformed_json_file_names_the_line(tmp_path, no_model):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.json").write_text('[\n  {"prompt": 1},\n  {"prompt": 2,,}\n]\n')
@@ -342,6 +349,11 @@ def test_codistillation_teacher_mistakes_are_named_before_a_model_loads(tmp_path
     argv = [str(tmp_path / "logits") if arg == "LOGITS" else arg for arg in argv]
     with pytest.raises(InputError, match=message):
         run("codistill", tmp_path, *argv)
+
+
+def test_fp8_with_int4_is_refused_before_a_model_loads(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--fp8_emulate true and --load_in_int4 true do not combine"):
+        run("sft", tmp_path, "--fp8_emulate", "true", "--load_in_int4", "true", "--use_peft", "true")
 
 
 def test_dpo_refuses_pair_samples_below_two(tmp_path, no_model):

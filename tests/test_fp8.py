@@ -389,6 +389,10 @@ def test_converting_twice_or_a_foreign_experts_class_is_refused():
     builtin = Llama4ForCausalLM(Llama4TextConfig.from_pretrained(TINY))
     with pytest.raises(Fp8UnsupportedError, match="not modeling_llama4's Llama4TextExperts"):
         convert_model_to_fp8(builtin, emulate=True)
+    from modeling_llama4 import Int4Config, quantize_model
+
+    with pytest.raises(Fp8UnsupportedError, match=r"is quantized \(int4 experts\).*QLoRA"):
+        convert_model_to_fp8(quantize_model(_tiny(), Int4Config(group_size=32)), emulate=True)
 
 
 def test_fp8_accelerate_config_is_bf16_with_the_recipe_switch():

@@ -192,6 +192,15 @@ def test_bad_group_size_errors():
         Int4Config.from_dict({"quant_method": "bitsandbytes", "group_size": 32})
 
 
+def test_quantize_model_takes_the_config_as_a_dict_too():
+    model = quantize_model(Llama4ForCausalLM(Llama4TextConfig(**tiny_text_kwargs())), {"group_size": 16})
+    assert model.config.quantization_config.group_size == 16
+    with pytest.raises(ValueError, match=r"unknown settings \['group_sise'\]"):
+        quantize_model(Llama4ForCausalLM(Llama4TextConfig(**tiny_text_kwargs())), {"group_sise": 16})
+    with pytest.raises(TypeError, match="takes an Int4Config"):
+        quantize_model(Llama4ForCausalLM(Llama4TextConfig(**tiny_text_kwargs())), 16)
+
+
 @pytest.mark.parametrize("group_size", [2.5, None, True, "a lot"])
 def test_a_group_size_that_is_not_a_whole_number_errors(group_size):
     with pytest.raises(ValueError, match=r"give a whole number, e.g. 128"):
