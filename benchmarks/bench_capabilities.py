@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cli_types import at_least  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from eval.capabilities import (  # noqa: E402
@@ -53,7 +55,8 @@ def _timed(function, items) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_problems", type=int, default=400)
+    # At least 2: each row's wrong answer is another row's different one.
+    parser.add_argument("--num_problems", type=at_least(2), default=400)
     parser.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / "hub_configs" / "tiny"))
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

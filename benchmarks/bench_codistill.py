@@ -2,6 +2,7 @@
 
     python benchmarks/bench_codistill.py            # teacher trained once and cached in --output_dir
     python benchmarks/bench_codistill.py --quick    # a smoke run of every code path (minutes; numbers meaningless)
+    python benchmarks/bench_codistill.py --quick --arms hard,topk --steps 10   # flags given replace --quick's sizes
 
 On the bundled synthetic task (recipes/synthetic.py): a teacher wider than the student (hidden 256 vs 128) is
 trained longer on a large corpus of worked problems; then one student initialisation is trained for the same steps
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,9 @@ from recipes.trainers import (
     tokenize_like_sft,
     write_teacher_topk,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_types import comma_list, fill_unset, names, positive_float, positive_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "hub_configs" / "tiny"
@@ -130,8 +135,11 @@ def evaluate(model, tokenizer, test: Dataset) -> dict[str, Any]:
         model, tokenizer, list(test["prompt"]), max_new_tokens=40, batch_size=100, progress=False
     )
     correct = [math_answer_correct(samples[0], gold) for samples, gold in zip(outputs, test["answer"])]
-    by_level = {
-        level: sum(c for c, lv in zip(correct, test["level"]) if lv == level) / test["level"].count(level)
+    levels = list(test["level"])
+    by_level = {  # nan: a small --heldout may draw no problem of a level
+        level: sum(c for c, lv in zip(correct, levels) if lv == level) / levels.count(level)
+        if level in levels
+        else math.nan
         for level in LEVELS
     }
     return {
@@ -181,24 +189,33 @@ ARMS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/bench_codistill")
-    parser.add_argument("--teacher_steps", type=int, default=300)
-    parser.add_argument("--teacher_batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=150, help="student steps, every arm")
-    parser.add_argument("--batch", type=int, default=16, help="student batch, every arm")
+    parser.add_argument("--output_dir", help="default: outputs/bench_codistill (with --quick: ..._quick)")
+    parser.add_argument("--teacher_steps", type=positive_int, help="default: 300")
+    parser.add_argument("--teacher_batch", type=positive_int, default=32)
+    parser.add_argument("--steps", type=positive_int, help="student steps, every arm (default: 150)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="student batch, every arm")
     parser.add_argument(
-        "--student_documents", default="128,512", help="sizes of the students' corpus, comma-separated"
+        "--student_documents",
+        type=comma_list(positive_int),
+        help="sizes of the students' corpus, comma-separated (default: 128,512)",
     )
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=32)
-    parser.add_argument("--heldout", type=int, default=200)
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--top_k", type=positive_int, default=32)
+    parser.add_argument("--heldout", type=positive_int, help="held-out problems (default: 200)")
+    parser.add_argument(
+        "--arms", type=names(ARMS), default=",".join(ARMS), help=f"comma-separated, among {','.join(ARMS)}"
+    )
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code paths, not the claim")
     args = parser.parse_args()
-    if args.quick:
-        args.teacher_steps, args.steps, args.student_documents, args.heldout = 4, 3, "32", 8
-        args.output_dir += "_quick"
+    # --quick's sizes replace only the defaults: a flag given on the command line is kept
+    quick = dict(
+        teacher_steps=4, steps=3, student_documents=[32], heldout=8, output_dir="outputs/bench_codistill_quick"
+    )
+    full = dict(
+        teacher_steps=300, steps=150, student_documents=[128, 512], heldout=200, output_dir="outputs/bench_codistill"
+    )
+    fill_unset(args, quick if args.quick else full)
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(TINY)
@@ -215,8 +232,7 @@ def main() -> None:
     results: dict[str, Any] = {**previous, "settings": vars(args), "comparable": comparable}
     results["teacher"] = evaluate(teacher, tokenizer, test)
     print(f"teacher: {results['teacher']}", flush=True)
-    arms = args.arms.split(",")
-    sizes = [int(n) for n in args.student_documents.split(",")]
+    arms, sizes = args.arms, args.student_documents
     for documents in sizes:
         corpus = corpus_of(documents, seed=2)
         for arm in arms:

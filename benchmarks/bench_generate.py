@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py            # batch 1, 8, 64, 256 x three shapes, 4k and 32k prefill
     python benchmarks/bench_generate.py --quick    # the main job's model at batch 1, 8, 64; 16 new tokens; 4k prefill
     python benchmarks/bench_generate.py --shapes main --batches 1 64 --prefill
+    python benchmarks/bench_generate.py --quick --batches 1    # flags given with --quick replace its sizes
 
 Greedy `generate()` from a 64-token prompt; tokens/s counts new tokens (every row generates exactly
 `--new-tokens`). Both models hold the same weights and must produce the same tokens (checked on every row).
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_text import COMMON, SHAPES  # noqa: E402
+from cli_types import fill_unset, positive_int  # noqa: E402
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
 
@@ -143,23 +145,28 @@ def prefill(label: str, length: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["main", "scout-like", "maverick-like"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
+    shapes = ["main", *SHAPES]
+    parser.add_argument("--shapes", nargs="+", choices=shapes, help=f"default: {' '.join(shapes)}")
+    parser.add_argument("--batches", nargs="+", type=positive_int, help="default: 1 8 64 256")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=64)
+    parser.add_argument("--new-tokens", type=positive_int, help="default: 64")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--cache", choices=["dynamic", "static"], help="default: dynamic (static with --compile)")
     parser.add_argument("--compile", action="store_true", help="ours: static cache, torch.compile'd decode step")
-    parser.add_argument("--prefill", nargs="*", type=int, default=None, help="prompt lengths (default 4096 32768)")
+    parser.add_argument(
+        "--prefill", nargs="*", type=positive_int, default=None, help="prompt lengths (default 4096 32768)"
+    )
     parser.add_argument("--quick", action="store_true", help="main model, batch 1/8/64, 16 new tokens, 4k prefill")
     args = parser.parse_args()
+    if args.compile and args.cache == "dynamic":
+        parser.error("--compile runs ours with a static cache: leave out --cache dynamic, or --compile")
     if args.quick:
-        args.shapes, args.batches, args.new_tokens, args.repeats = ["main"], [1, 8, 64], 16, 3
+        fill_unset(args, dict(shapes=["main"], batches=[1, 8, 64], new_tokens=16))
         args.prefill = args.prefill if args.prefill else [4096]
     elif args.prefill is not None and not args.prefill:
         args.prefill = [4096, 32768]
-    if args.compile:
-        args.cache = "static"
+    fill_unset(args, dict(shapes=shapes, batches=[1, 8, 64, 256], new_tokens=64))
+    args.cache = args.cache or ("static" if args.compile else "dynamic")
     cache = None if args.cache == "dynamic" else "static"
 
     print(

@@ -33,6 +33,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cli_types import positive_int  # noqa: E402
 
 GPU_SHAPES = dict(hidden=5120, inter=8192, tokens=8192, heads=40, kv_heads=8, head_dim=128, vocab=202048)
 CPU_SHAPES = dict(hidden=64, inter=64, tokens=64, heads=4, kv_heads=2, head_dim=16, vocab=1024)
@@ -354,7 +357,7 @@ def bench_training(shape, experts, layers, steps, device, dtype, timer, table) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, emulated FP8: checks the code paths")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5 GPU, 1 dry run)")
+    parser.add_argument("--repeats", type=positive_int, help="timed repeats per row (default 5 GPU, 1 dry run)")
     args = parser.parse_args()
     check_transformers()
     global DRY_RUN

@@ -15,6 +15,7 @@ Random weights route arbitrarily but the set of experts read per layer is counte
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -22,8 +23,17 @@ import torch
 from torch import nn
 
 from modeling_llama4 import Int4Config, Llama4ForCausalLM, Llama4TextConfig
-from modeling_llama4.int4 import Int4Linear, Int4TextExperts, make_kernel_resident, replace_with_int4_modules
+from modeling_llama4.int4 import (
+    Int4Linear,
+    Int4TextExperts,
+    check_group_size,
+    make_kernel_resident,
+    replace_with_int4_modules,
+)
 from modeling_llama4.modeling_llama4 import Llama4TextRotaryEmbedding
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_types import positive_float, positive_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "GH200": 4.0, "B200": 8.0}  # SXM parts, TB/s
@@ -128,26 +138,31 @@ def decode(model, config, batch: int, prompt: int, steps: int, device: torch.dev
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: the code path, no figures")
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--prompt", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth (default: from the GPU name)")
-    parser.add_argument("--max-peak-gb", type=float, default=75.0)
+    parser.add_argument("--group-size", type=positive_int, help="default: 128 (dry run: 64)")
+    parser.add_argument("--prompt", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, help="default: 32 (dry run: 3)")
+    parser.add_argument("--hbm-tbps", type=positive_float, help="HBM bandwidth (default: from the GPU name)")
+    parser.add_argument("--max-peak-gb", type=positive_float, default=75.0)
     args = parser.parse_args()
     if args.dry_run:
         device = torch.device("cpu")
         config = Llama4TextConfig(**TINY)
-        group, steps, name, tbps = 64, 3, "cpu (dry run)", args.hbm_tbps or 0.05
+        group, steps, name, tbps = args.group_size or 64, args.steps or 3, "cpu (dry run)", args.hbm_tbps or 0.05
     else:
         if not torch.cuda.is_available():
             raise SystemExit("No GPU: run with --dry-run on CPU.")
         device = torch.device("cuda")
         config = Llama4TextConfig.from_pretrained(ROOT / "hub_configs" / "scout")
-        group, steps, name = args.group_size, args.steps, torch.cuda.get_device_name()
+        group, steps, name = args.group_size or 128, args.steps or 32, torch.cuda.get_device_name()
         tbps = args.hbm_tbps or next((v for k, v in HBM_TBPS.items() if k in name), None)
         if tbps is None:
             raise SystemExit(f"Unknown HBM bandwidth for {name}: pass --hbm-tbps")
         torch.cuda.reset_peak_memory_stats()
+    try:  # an odd group, or one that does not divide the model's widths, before anything is built
+        for width in (config.hidden_size, config.intermediate_size, config.intermediate_size_mlp):
+            check_group_size(width, group, "the model's layers")
+    except ValueError as error:
+        parser.error(f"--group-size {group}: {error}")
     start = time.perf_counter()
     model = build(config, device, group)
     build_seconds = time.perf_counter() - start

@@ -42,6 +42,9 @@ from pathlib import Path
 
 # The repository root, so that `eval` imports without installing the project.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cli_types import executable  # noqa: E402
 
 LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 # MGSM's exemplar answer sentences (the phrasing lm-eval's native-CoT prompts ask for).
@@ -639,6 +642,7 @@ def main() -> None:
         "--external_python",
         action="append",
         default=[],
+        type=executable,
         help="interpreter of an environment with lighteval and/or lm-eval (repeatable: they pin different parsers)",
     )
     parser.add_argument("--only", choices=["ours", "external", "all"], default="all")
@@ -648,7 +652,7 @@ def main() -> None:
     if args.bbh_only:
         math_rows, mgsm = [], {}
     elif args.data_dir is None or not (args.data_dir / "math500" / "test.jsonl").exists():
-        raise SystemExit(
+        parser.error(
             f"--data_dir {args.data_dir} has no math500/test.jsonl: pass --data_dir DIR holding math500/test.jsonl and "
             "mgsm/mgsm_<lang>.tsv, or --bbh_only"
         )

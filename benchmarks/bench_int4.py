@@ -38,12 +38,13 @@ from torch import nn
 
 from modeling_llama4 import Int4Config, Llama4ForCausalLM, Llama4TextConfig, Llama4TextMoe, quantize_model
 from modeling_llama4.configuration_llama4 import Llama4Config
-from modeling_llama4.int4 import Int4Linear, Int4TextExperts, replace_with_int4_modules
+from modeling_llama4.int4 import Int4Linear, Int4TextExperts, check_group_size, replace_with_int4_modules
 from modeling_llama4.int4_gptq import gptq_quantize
 from modeling_llama4.modeling_llama4 import Llama4ForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_text import median_seconds  # noqa: E402
+from cli_types import model_dir, positive_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -338,21 +339,32 @@ def checkpoint_quality(path: str, problems: int, max_new_tokens: int, group_size
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--checkpoint", help="a trained Llama 4 model directory: adds held-out accuracy")
-    parser.add_argument("--problems", type=int, default=1000)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--group-size", type=int, default=None, help="for --checkpoint (default: 128 if it divides)")
+    parser.add_argument(
+        "--checkpoint", type=model_dir, help="a trained Llama 4 model directory: adds held-out accuracy"
+    )
+    parser.add_argument("--problems", type=positive_int, default=1000)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48)
+    parser.add_argument("--group-size", type=positive_int, help="for --checkpoint (default: 128 if it divides)")
     parser.add_argument("--only", nargs="*", choices=["bytes", "speed", "quality", "memory"])
     args = parser.parse_args()
+    # The tables and --checkpoint are separate runs: a flag of the other one would be ignored without a word.
+    if args.checkpoint is None and args.group_size is not None:
+        parser.error("--group-size applies to --checkpoint only (the tables use their own group sizes)")
+    if args.checkpoint is not None and args.only is not None:
+        parser.error("--only picks tables, which --checkpoint does not print: run them separately")
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads\n")
     if args.checkpoint:
         config = json.loads(Path(args.checkpoint, "config.json").read_text())
         text = config.get("text_config", config)
-        group = args.group_size or max(
-            g for g in (32, 64, 128) if all(text[k] % g == 0 for k in ("hidden_size", "intermediate_size"))
-        )
+        widths = [text[k] for k in ("hidden_size", "intermediate_size")]
+        group = args.group_size or max((g for g in (32, 64, 128) if all(w % g == 0 for w in widths)), default=128)
+        try:  # before the three model loads, with the divisors to pick from
+            for width in widths:
+                check_group_size(width, group, f"{args.checkpoint}'s layers")
+        except ValueError as error:
+            parser.error(f"{error} Pass it as --group-size.")
         print("\n".join(checkpoint_quality(args.checkpoint, args.problems, args.max_new_tokens, group)))
         return
     sections = {"bytes": lambda: scout_memory(), "speed": lambda: moe_speed(args.quick)}

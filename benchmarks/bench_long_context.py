@@ -27,6 +27,9 @@ import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cli_types import at_least, positive_int  # noqa: E402
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
 from modeling_llama4.kv_cache import QuantizedNoPECache, kv_cache_nbytes  # noqa: E402
@@ -404,16 +407,19 @@ def main() -> None:
     parser.add_argument("--kv", action="store_true", help="Scout's KV-cache bytes at 1M and 10M tokens")
     parser.add_argument("--ablation", action="store_true", help="retrieval accuracy of the four iRoPE variants")
     parser.add_argument("--quick", action="store_true", help="shorter lengths / smaller runs")
-    parser.add_argument("--lengths", type=int, nargs="+", help="prefill lengths for ours (--memory)")
-    parser.add_argument("--builtin_lengths", type=int, nargs="*", help="lengths the built-in is run at (--memory)")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", help="prefill lengths for ours (--memory)")
+    parser.add_argument(
+        "--builtin_lengths", type=positive_int, nargs="*", help="lengths the built-in is run at (--memory)"
+    )
     parser.add_argument("--int8", action="store_true", help="--memory: also ours with the int8 NoPE cache")
-    parser.add_argument("--decode_tokens", type=int, default=16)
+    parser.add_argument("--decode_tokens", type=positive_int, default=16)
     parser.add_argument("--seed", type=int, help="--ablation: training seed (initialisation and data order)")
-    parser.add_argument("--steps", type=int, help="--ablation: training steps")
-    parser.add_argument("--eval_lengths", type=int, nargs="+", help="--ablation: test lengths")
+    # At least 2: the schedule warms up for max(steps // 20, 1) steps and decays over the others (none for 1).
+    parser.add_argument("--steps", type=at_least(2), help="--ablation: training steps")
+    parser.add_argument("--eval_lengths", type=positive_int, nargs="+", help="--ablation: test lengths")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "long_context_ablation.png"))
     parser.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args()
+    args = parser.parse_args()  # not parse_known_args: a misspelt flag must not be ignored
     if args._measure:
         which, length, decode_tokens = args._measure
         print(json.dumps(measure(which, int(length), int(decode_tokens))))
@@ -435,7 +441,7 @@ def main() -> None:
         settings = dict(ABLATION_QUICK if args.quick else ABLATION_FULL)
         if args.seed is not None:
             settings["seed"] = args.seed
-        if args.steps:
+        if args.steps is not None:
             settings["steps"] = args.steps
         if args.eval_lengths:
             settings["eval_lengths"] = args.eval_lengths

@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cli_types import at_least, comma_list, fill_unset, names, positive_int  # noqa: E402
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
 from modeling_llama4.metap import metap_param_groups  # noqa: E402
@@ -232,29 +235,42 @@ def summarise(name: str, sizes, lrs, table, size_label: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny grid, few steps")
+    sweeps = ("coord", "width", "depth", "experts")
     parser.add_argument(
-        "--sweeps", default="coord,width,depth,experts", help="comma list of coord,width,depth,experts"
+        "--sweeps", type=names(sweeps), default=",".join(sweeps), help=f"comma list of {','.join(sweeps)}"
     )
-    parser.add_argument("--widths", default="32,64,128")
-    parser.add_argument("--coord_widths", default="64,128,256,512")
-    parser.add_argument("--lr_min_exp", type=int, default=-11, help="grid: 2**e for e in [min, min + points)")
-    parser.add_argument("--lr_points", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=64)
+    parser.add_argument("--widths", type=comma_list(positive_int), help="default: 32,64,128 (--quick: 32,64)")
+    parser.add_argument(
+        "--coord_widths", type=comma_list(positive_int), help="default: 64,128,256,512 (--quick: 64,128)"
+    )
+    parser.add_argument("--lr_min_exp", type=int, help="grid: 2**e for e in [min, min + points) (default: -11)")
+    parser.add_argument("--lr_points", type=positive_int, help="default: 7")
+    parser.add_argument("--steps", type=positive_int, help="default: 100")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq_len", type=at_least(2), default=64)  # the chunk is half of it
     parser.add_argument("--seed", type=int, default=0, help="init and data-order seed of every run")
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--cache", default=None, help="run cache (default: <out>/metap_runs.json)")
     args = parser.parse_args()
-    if args.quick:
-        args.widths, args.coord_widths, args.lr_points, args.steps = "32,64", "64,128", 3, 10
-        args.lr_min_exp = -9
+    # --quick's grid replaces only the defaults: a flag given on the command line is kept
+    quick = dict(widths=[32, 64], coord_widths=[64, 128], lr_points=3, steps=10, lr_min_exp=-9)
+    full = dict(widths=[32, 64, 128], coord_widths=[64, 128, 256, 512], lr_points=7, steps=100, lr_min_exp=-11)
+    fill_unset(args, quick if args.quick else full)
+    for flag, widths in (("--widths", args.widths), ("--coord_widths", args.coord_widths)):
+        for width in widths:
+            try:  # a width that makes no valid model is refused before the first of many runs
+                model_config(width, 2, 4, None, 256, args.seq_len)
+            except ValueError as error:
+                parser.error(
+                    f"{flag} {width}: {error} (the model has width // {HEAD_DIM} heads, half as many KV heads)"
+                )
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = (
         Path(args.cache) if args.cache else out / ("metap_runs_quick.json" if args.quick else "metap_runs.json")
     )
+    cache_path.parent.mkdir(parents=True, exist_ok=True)  # written after the first run, not only at the end
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
 
     blocks, vocab = token_blocks(3000, args.seq_len)
@@ -264,8 +280,7 @@ def main() -> None:
         f"corpus: {len(train)} train / {len(heldout)} held-out blocks of {args.seq_len} tokens; {tokens} tokens per run"
     )
     lrs = [2.0**e for e in range(args.lr_min_exp, args.lr_min_exp + args.lr_points)]
-    widths = [int(w) for w in args.widths.split(",")]
-    sweeps = args.sweeps.split(",")
+    widths, sweeps = args.widths, args.sweeps
     started = time.time()
 
     def run(label: str, width: int, depth: int, experts: int, lr: float) -> float:
@@ -290,7 +305,7 @@ def main() -> None:
         f"tokens per run: {tokens} ({args.steps} steps x {args.batch} x {args.seq_len}); AdamW betas (0.9, 0.95), wd 0, 10% warmup then constant"
     ]
     if "coord" in sweeps:
-        coord_widths = [int(w) for w in args.coord_widths.split(",")]
+        coord_widths = args.coord_widths
         results = coordinate_check(coord_widths, vocab, train, out)
         report.append(f"\n### coordinate check (RMS; base width {coord_widths[0]})\n")
         report.append("| parametrisation | step | " + " | ".join(f"width {w}" for w in coord_widths) + " | max/min |")

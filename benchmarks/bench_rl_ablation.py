@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ from eval.generation import generate_completions
 from eval.loading import load_causal_lm, load_tokenizer
 from eval.tasks import DataSource, Example, get_task
 from recipes.pipeline import paired_change, run_stage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from its file path (the tests)
+from cli_types import names, nonnegative_int, positive_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -120,21 +124,18 @@ def table(report: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/rl_ablation")
-    parser.add_argument("--rl_steps", type=int, default=32, help="RL steps of every arm")
-    parser.add_argument("--heldout_problems", type=int, default=200, help="held-out problems per task")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, among {','.join(ARMS)}")
-    parser.add_argument("--eval_max_new_tokens", type=int, default=64)
-    parser.add_argument("--eval_batch_size", type=int, default=64)
+    parser.add_argument("--rl_steps", type=positive_int, default=32, help="RL steps of every arm")
+    parser.add_argument("--heldout_problems", type=positive_int, default=200, help="held-out problems per task")
+    parser.add_argument(
+        "--arms", type=names(ARMS), default=",".join(ARMS), help=f"comma-separated, among {','.join(ARMS)}"
+    )
+    parser.add_argument("--eval_max_new_tokens", type=positive_int, default=64)
+    parser.add_argument("--eval_batch_size", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--torch_threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument("--torch_threads", type=nonnegative_int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks every code path in under a minute")
     args = parser.parse_args(argv)
-    arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown or not arms:
-        parser.error(f"--arms {args.arms!r}: choose among {','.join(ARMS)}")
-    if args.rl_steps < 1 or args.heldout_problems < 1:
-        parser.error("--rl_steps and --heldout_problems must be at least 1")
+    arms = args.arms
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     rl_steps, limit, max_new_tokens = args.rl_steps, args.heldout_problems, args.eval_max_new_tokens

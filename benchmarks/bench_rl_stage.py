@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_types import model_dir, nonnegative_int, positive_int  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # (row, function as pstats names it: "file:function"); cumulative CPU seconds.
@@ -93,19 +96,20 @@ def child(variant: str, model: str, max_steps: int, heldout: int, out: str) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="The SFT model the RL stage starts from.")
-    parser.add_argument("--max_steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run.")
+    parser.add_argument("--model", required=True, type=model_dir, help="The SFT model the RL stage starts from.")
+    parser.add_argument("--max_steps", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=1, help="OMP_NUM_THREADS of each run.")
     parser.add_argument(
-        "--heldout_problems", type=int, default=0, help="Held-out evaluation after training (the main job: 1000)."
+        "--heldout_problems",
+        type=nonnegative_int,
+        default=0,
+        help="Held-out evaluation after training (the main job: 1000).",
     )
     parser.add_argument("--variants", nargs="+", default=["trl", "ours"], choices=["trl", "ours"])
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         return child(args._child[0], args.model, args.max_steps, args.heldout_problems, args._child[1])
-    if not Path(args.model, "config.json").is_file():
-        raise SystemExit(f"error: --model {args.model}: no config.json there; pass the SFT stage's output folder")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     rows = []
     for variant in args.variants:

@@ -1,7 +1,7 @@
 """Speed and memory of our sparse Llama 4 against transformers' built-in, measured in one run.
 
     python benchmarks/bench_text.py            # full table (about 8 minutes on 2 CPU cores)
-    python benchmarks/bench_text.py --quick    # fewer tokens and repeats, for a smoke run
+    python benchmarks/bench_text.py --quick    # fewer tokens and repeats, for a smoke run (flags given are kept)
     python benchmarks/bench_text.py --moe-only # the MoE block rows: built-in, CPU kernel, generic path
 
 Prints one markdown table. Both models hold the same weights; times are medians of forward+backward.
@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 from transformers.models.llama4 import modeling_llama4 as builtin_modeling
 
 from modeling_llama4 import Llama4ForCausalLM, Llama4TextConfig, Llama4TextMoe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_types import fill_unset, positive_int  # noqa: E402
 
 SHAPES = {
     # Scaled-down Scout: 16 experts, top-1, shared expert, MoE every layer.
@@ -169,14 +174,17 @@ def kv_cache_bytes(decode_to: int, prefill_step: int = 1024) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kv-tokens", type=int, default=32768)
+    parser.add_argument("--tokens", type=positive_int, help="default: 4096")
+    parser.add_argument("--repeats", type=positive_int, help="default: 3")
+    parser.add_argument("--kv-tokens", type=positive_int, help="default: 32768")
     parser.add_argument("--quick", action="store_true", help="512 tokens, 1 repeat, 4k-token KV cache")
     parser.add_argument("--moe-only", action="store_true", help="only the MoE block rows (no full model, no cache)")
     args = parser.parse_args()
-    if args.quick:
-        args.tokens, args.repeats, args.kv_tokens = 512, 1, 4096
+    # --quick's sizes replace only the defaults: a flag given on the command line is kept
+    fill_unset(
+        args,
+        dict(tokens=512, repeats=1, kv_tokens=4096) if args.quick else dict(tokens=4096, repeats=3, kv_tokens=32768),
+    )
     torch.manual_seed(0)
 
     rows = []

@@ -214,6 +214,77 @@ def test_config_of_another_architecture_is_refused(hub, tmp_path):
             Llama4ForConditionalGeneration.from_pretrained("org/mistral")
 
 
+def _tiny_text_model() -> Llama4ForCausalLM:
+    torch.manual_seed(3)
+    return Llama4ForCausalLM(Llama4TextConfig.from_pretrained(TINY)).eval()
+
+
+def _peft_model() -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(_tiny_text_model(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+
+def _int4_peft_model() -> torch.nn.Module:
+    from peft import get_peft_model
+
+    from modeling_llama4 import Int4Config, quantize_model
+    from modeling_llama4.int4_lora import int4_lora_config
+
+    return get_peft_model(quantize_model(_tiny_text_model(), Int4Config(group_size=32)), int4_lora_config(r=2))
+
+
+def _gpt2() -> torch.nn.Module:
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+
+
+@pytest.mark.parametrize(
+    "make_model, kwargs, error, message",
+    [
+        (lambda: str(TINY), {}, TypeError, r"takes the model object, not the string .*Llama4ForCausalLM.from_pretr"),
+        (_gpt2, {}, TypeError, r"not transformers\..*GPT2LMHeadModel \(model_type 'gpt2'\).*their own"),
+        (_peft_model, {}, TypeError, r"PEFT adapters.*adapter alone.*merged = model\.merge_and_unload\(\)"),
+        (_int4_peft_model, {}, TypeError, r"PEFT adapters.*merged = modeling_llama4\.int4_lora\.merge_int4_lora"),
+        (
+            _tiny_text_model,
+            {"eval_results": {"math500": "61%"}},
+            TypeError,
+            r"eval_results\['math500'\] is '61%' \(str\); eval results must be numbers, e\.g\. 0\.61",
+        ),
+        (_tiny_text_model, {"eval_results": [0.61]}, TypeError, r"eval_results must be a dict.*not list"),
+        (_tiny_text_model, {"processor": str(TINY)}, TypeError, r"processor must be a tokenizer.*AutoTokenizer"),
+        (_tiny_text_model, {"repo_id": "org/bad name!"}, ValueError, r"Repo id must use alphanumeric"),
+    ],
+    ids=["path", "gpt2", "peft", "int4-peft", "eval-string", "eval-list", "processor-path", "repo-id"],
+)
+def test_bad_push_is_refused_before_any_hub_call(hub, tmp_path, make_model, kwargs, error, message):
+    kwargs = dict(kwargs)  # the parametrize dict is shared between runs
+    repo_id = kwargs.pop("repo_id", "org/never-created")
+    model = make_model()
+    hub.clear_requests()
+    with patch_hub_constants(hub, tmp_path / "cache"), pytest.raises(error, match=message):
+        push_to_hub(model, repo_id, **kwargs)
+    assert hub.requests == [] and not hub.repo_exists(repo_id)  # no empty repo left behind
+
+
+def test_failed_save_leaves_no_repo_and_numpy_scores_are_written_as_numbers(hub, tmp_path, monkeypatch):
+    import numpy as np
+
+    def disk_full(folder):
+        raise OSError("disk full")
+
+    model = _tiny_text_model()
+    with patch_hub_constants(hub, tmp_path / "cache"):
+        with monkeypatch.context() as patch:
+            patch.setattr(model, "save_pretrained", disk_full)
+            with pytest.raises(OSError, match="disk full"):
+                push_to_hub(model, "org/save-fails")
+        assert not hub.repo_exists("org/save-fails")
+        push_to_hub(model, "org/numpy-scores", eval_results={"math500": np.float32(0.5), "gsm8k": torch.tensor(0.25)})
+    assert json.loads(hub.read_file("org/numpy-scores", "eval_results.json")) == {"math500": 0.5, "gsm8k": 0.25}
+    assert "| gsm8k | 0.25 |" in hub.read_file("org/numpy-scores", "README.md").decode()
+
+
 @pytest.mark.skipif(
     not os.environ.get("HF_TOKEN") or os.environ.get("HF_HUB_OFFLINE") == "1",
     reason="real-Hub round trip needs HF_TOKEN and network",
