@@ -776,6 +776,11 @@ class Llama4ForCausalLM(Llama4PreTrainedModel, Llama4GenerationMixin):
     ) -> Llama4CausalLMOutput:
         """With `output_router_logits` (or the config's), also returns the router losses and adds them to the
         loss, weighted by `router_aux_loss_coef` and `router_z_loss_coef`, when labels are given."""
+        if kwargs.get("pixel_values") is not None:
+            raise ValueError(
+                "Llama4ForCausalLM is the text model and would drop pixel_values silently: load the checkpoint with "
+                "Llama4ForConditionalGeneration (AutoModelForImageTextToText) to give it images."
+            )
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         outputs: MoeModelOutputWithPast = self.model(

@@ -36,6 +36,7 @@ def model() -> Llama4ForCausalLM:
         (dict(input_ids=IDS, labels=IDS[:, :4]), r"labels has shape \(2, 4\) but the input is \(2, 5\)"),
         (dict(input_ids=IDS, labels=torch.full((2, 5), 200)), r"labels contain 200, neither a token id \(0\.\.95\)"),
         (dict(input_ids=IDS, labels=IDS.float()), r"labels are torch.float32"),
+        (dict(input_ids=IDS, pixel_values=torch.randn(1, 3, 8, 8)), r"text model and would drop pixel_values"),
     ],
 )
 def test_bad_model_inputs_are_named(model, inputs, message):
