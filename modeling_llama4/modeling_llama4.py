@@ -628,7 +628,7 @@ class Llama4TextModel(Llama4PreTrainedModel):
                 raise ValueError(
                     "attn_implementation='flex_attention' has no backward pass on CPU (torch "
                     f"{torch.__version__}): train on CPU with attn_implementation='sdpa' (or 'eager'), or on a GPU. "
-                    "Inference and generate() with flex attention work on CPU."
+                    "For inference on CPU run the forward under torch.no_grad() (generate() does), which works."
                 )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)  # chunked layers keep one chunk, NoPE layers all

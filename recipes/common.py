@@ -4,6 +4,7 @@ training with crash-safe resume and a one-commit Hub push."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import os
@@ -332,9 +333,34 @@ def reward_function(name: str):
     if not module_name:
         raise InputError(f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or a dotted path")
     try:
-        return getattr(importlib.import_module(module_name), attribute)
+        function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise InputError(f"cannot import reward function {name!r}: {error}") from error
+    _check_reward_signature(name, function)
+    return function
+
+
+# What TRL passes every reward function by keyword, besides the dataset's columns.
+_TRL_REWARD_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
+
+
+def _check_reward_signature(name: str, function: Any) -> None:
+    """TRL calls `f(prompts=..., completions=..., completion_ids=..., **columns)` and expects one float per
+    completion; a function it cannot call that way would fail at the first step, deep inside TRL."""
+    usage = "define it as def f(completions, **kwargs) -> list[float] (one score per completion)"
+    if not callable(function):
+        raise InputError(f"reward function {name!r} is a {type(function).__name__}, not a function: {usage}")
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # builtins and C functions: nothing to read
+        return
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if "completions" not in names and not takes_any:
+        raise InputError(
+            f"reward function {name!r} takes ({', '.join(sorted(names))}), but TRL calls it with the keywords "
+            f"{sorted(_TRL_REWARD_ARGUMENTS)} and the dataset's columns (e.g. answer): {usage}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

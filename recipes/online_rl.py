@@ -68,6 +68,16 @@ def check_rewards(script_args: Any, training_args: Any) -> None:
             f"{flag}: accuracy_reward checks arithmetic answers only (not the other capabilities or an instruction's "
             f"constraint); use {fix}"
         )
+    if pass_rate_reward is not None:
+        # TRL names reward functions by `__name__`: a dotted path is matched by its function name.
+        names = [getattr(reward_function(name), "__name__", name) for name in script_args.reward_funcs]
+        bare = pass_rate_reward.rpartition(".")[2]
+        if bare not in names:
+            raise InputError(
+                f"--pass_rate_reward {pass_rate_reward}: the pass rate is read from one of --reward_funcs {names}; "
+                f"name one of them (e.g. --pass_rate_reward {names[0]})"
+            )
+        training_args.pass_rate_reward = bare
 
 
 def check_visual(script_args: OnlineRLScriptArguments, training_args: OnlineRLConfig) -> None:

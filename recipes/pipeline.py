@@ -261,6 +261,20 @@ def main(args: PipelineArguments) -> list[dict[str, Any]]:
     for spec in args.stages:
         if not isinstance(spec, dict) or spec.get("name") not in STAGES:
             raise InputError(f"stages: each needs a `name` among {list(STAGES)}, got {spec!r}")
+        # Found before the first stage runs, not after the earlier stages have trained.
+        if spec.get("config") and not Path(spec["config"]).expanduser().is_file():
+            raise InputError(f"stages: [{spec['name']}] config {spec['config']!r}: no such file")
+        if "model_name_or_path" in spec:
+            raise InputError(
+                f"stages: [{spec['name']}] sets model_name_or_path, but each stage starts from the previous stage's "
+                "model (the first from the pipeline's --model_name_or_path): drop it, or run that recipe on its own"
+            )
+    names = [spec["name"] for spec in args.stages]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise InputError(
+            f"stages: {repeated} appear more than once; each stage writes to <output_dir>/<name>, so a stage runs "
+            "once per pipeline (run a second pipeline from the first one's output for another round)"
+        )
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     output_dir = Path(args.output_dir)

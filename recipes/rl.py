@@ -344,11 +344,16 @@ class OnlineRLTrainer(GRPOTrainer):
                     "for no curriculum"
                 )
             print(f"online RL: no curriculum (the train set has no {column!r} column)")
-        self._difficulty = (
-            torch.tensor(train_dataset[column], dtype=torch.float64)
-            if column and column in train_dataset.column_names
-            else None
-        )
+        self._difficulty = None
+        if column and column in train_dataset.column_names:
+            values = train_dataset[column]
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                odd = next(v for v in values if not isinstance(v, int | float) or isinstance(v, bool))
+                raise InputError(
+                    f"--curriculum_column {column!r} holds {odd!r} ({type(odd).__name__}); the curriculum orders "
+                    "prompts by a number (1 = easiest): map the levels to numbers, or pass --curriculum_column none"
+                )
+            self._difficulty = torch.tensor(values, dtype=torch.float64)
         self._last_rewards: torch.Tensor | None = None
         self.prompt_pool = PromptPool(len(train_dataset))
         self._setup_mixture(train_dataset)

@@ -201,6 +201,12 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
     for name in ("heldout_batch_size", "heldout_max_new_tokens", "judge_samples", "corpus_documents"):
         _at_least(script_args, name, 1)
     _at_least(script_args, "pair_samples", 2)  # a pair needs two answers to compare
+    threshold = getattr(script_args, "judge_threshold", None)
+    if threshold is not None and not threshold > 0:
+        raise InputError(
+            f"--judge_threshold {threshold}: prompts the judge solves at this pass rate or above are dropped, so "
+            f"{threshold} drops them all; give a rate in (0, 1] (0.75 by default), or 1.1 to keep every prompt"
+        )
     for name in MERGED_MAPPINGS:
         if hasattr(script_args, name):
             setattr(script_args, name, parse_mapping(getattr(script_args, name), f"--{name}") or None)
@@ -253,6 +259,15 @@ def check_arguments(script_args: Any, training_args: Any = None, model_args: Any
 
 def _check_training_numbers(training_args: Any, model_args: Any, rewards: list[str] | None = None) -> None:
     """Values the Trainer, TRL or torch would refuse only after the model is built (or accept and misuse)."""
+    weight = getattr(training_args, "min_prompt_weight", None)
+    if weight is not None and not weight >= 0:
+        raise InputError(f"--min_prompt_weight {weight}: must be >= 0 (a floor on every prompt's draw weight p(1-p))")
+    fraction = getattr(training_args, "curriculum_fraction", None)
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise InputError(
+            f"--curriculum_fraction {fraction}: the share of training over which levels unlock, from 0 to 1 (0.2, "
+            "not 20); 0 unlocks every level at once"
+        )
     if training_args is not None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "max_length", "max_completion_length", "max_prompt_length"):  # fmt: skip
@@ -385,6 +400,11 @@ def load_task_dataset(
         raise InputError(f"{flag} {name!r} ({split}) has no rows")
     present = [*columns, *(column for column in optional if column in dataset.column_names)]
     chats = [column for column in present if column in CHAT_COLUMNS]
+    if "answer" in present and (missing := [i for i, answer in enumerate(dataset["answer"], 1) if answer is None]):
+        raise InputError(
+            f"{flag} {name!r} ({split}), row {missing[0]}: `answer` is null ({len(missing)} rows in all); the rewards "
+            "and the judge grade against it (it would be read as the text 'None'): give every row its answer"
+        )
     for column in chats:
         _check_chat_column(dataset, column, f"{flag} {name!r} ({split})")
     return _as_chat_messages(dataset, chats)
@@ -396,10 +416,22 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython")
 
 
 def _check_chat_column(dataset: Dataset, column: str, where: str) -> None:
-    """A chat column is plain strings or lists of {"role", "content"} messages with known roles."""
+    """A chat column is plain non-empty strings or lists of {"role", "content"} messages with known roles, one form
+    for every row."""
     if getattr(dataset.features[column], "dtype", None) in ("string", "large_string"):
+        for number, text in enumerate(dataset[column], 1):
+            if text is None or not text.strip():
+                raise InputError(
+                    f"{where}, row {number}: `{column}` is {_describe(text)}; an empty {column} would train the model "
+                    "on nothing (an empty completion teaches it to stop at once): fill it in or drop the row"
+                )
         return
     for number, messages in enumerate(dataset[column], 1):
+        if isinstance(messages, str | int | float):  # a mixed column: the loader may even read "2" as 2
+            raise InputError(
+                f"{where}, row {number}: `{column}` is a plain string while other rows hold message lists; use one "
+                'form for every row (a string, or [{"role": ..., "content": ...}, ...])'
+            )
         if not isinstance(messages, list) or not messages:
             raise InputError(
                 f"{where}, row {number}: `{column}` is {_describe(messages)}; it must be a string or a non-empty "

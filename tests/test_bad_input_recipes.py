@@ -356,6 +356,69 @@ def test_fp8_with_int4_is_refused_before_a_model_loads(tmp_path, no_model):
         run("sft", tmp_path, "--fp8_emulate", "true", "--load_in_int4", "true", "--use_peft", "true")
 
 
+def test_a_pass_rate_reward_outside_the_rewards_is_named_and_a_dotted_one_matched(tmp_path, no_model):
+    with pytest.raises(InputError, match=r"--pass_rate_reward accuracy_reward: .* \['format_reward'\]; name one"):
+        run("online_rl", tmp_path, "--reward_funcs", "format_reward", "--reward_weights", "1.0")
+    from recipes.online_rl import check_rewards
+
+    script_args, training_args, _ = parse_recipe_args(
+        RECIPES["online_rl"][1],
+        ["--reward_funcs", "tests.recipe_rewards.digit_share_reward", "--pass_rate_reward",
+         "tests.recipe_rewards.digit_share_reward", "--output_dir", str(tmp_path), *FAST],
+    )  # fmt: skip
+    check_rewards(script_args, training_args)
+    assert training_args.pass_rate_reward == "digit_share_reward"  # TRL names rewards by __name__
+
+
+@pytest.mark.parametrize(
+    "reward, message",
+    [("math.pi", r"'math.pi' is a float, not a function"), ("os.path.join", r"takes \(a\), but TRL calls it")],
+)
+def test_a_reward_function_trl_cannot_call_is_named(tmp_path, no_model, reward, message):
+    with pytest.raises(InputError, match=message):
+        run("online_rl", tmp_path, "--reward_funcs", reward, "--reward_weights", "1.0")
+
+
+@pytest.mark.parametrize(
+    "rows, columns, message",
+    [
+        ([{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": None}], ("prompt", "answer"),
+         r"row 2: `answer` is null \(1 rows in all\)"),
+        ([{"prompt": "1+1?", "answer": "2", "completion": "2"}, {"prompt": "2+2?", "answer": "4", "completion": ""}],
+         ("prompt", "answer", "completion"), r"row 2: `completion` is \"\"; an empty completion"),
+        ([{"prompt": "1+1?", "answer": "2", "completion": "2"},
+          {"prompt": "2+2?", "answer": "4", "completion": [{"role": "assistant", "content": "4"}]}],
+         ("prompt", "answer", "completion"), r"row 1: `completion` is a plain string while other rows hold message"),
+    ],
+)  # fmt: skip
+def test_null_answers_empty_completions_and_mixed_forms_are_named(tmp_path, rows, columns, message):
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(InputError, match=message):
+        load_task_dataset(str(tmp_path / "train.jsonl"), "train", columns)
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("sft", ["--judge_threshold", "0"], r"--judge_threshold 0.0: .* drops them all"),
+        ("online_rl", ["--min_prompt_weight", "-0.25"], r"--min_prompt_weight -0.25: must be >= 0"),
+        ("online_rl", ["--curriculum_fraction", "20"], r"--curriculum_fraction 20.0: .* \(0.2, not 20\)"),
+    ],
+)
+def test_judge_and_prompt_sampling_numbers_out_of_range_are_refused(tmp_path, no_model, name, argv, message):
+    with pytest.raises(InputError, match=message):
+        run(name, tmp_path, *argv)
+
+
+def test_a_curriculum_column_of_words_is_named(tmp_path):
+    rows = [{"prompt": f"{i}+1?", "answer": str(i + 1), "level": ["easy", "hard"][i % 2]} for i in range(8)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(InputError, match=r"--curriculum_column 'level' holds 'easy' \(str\); .* by a number"):
+        run("online_rl", tmp_path, "--dataset_name", str(tmp_path / "train.jsonl"), "--heldout_problems", "0",
+            "--from_scratch", "true", "--reward_funcs", "format_reward", "--reward_weights", "1.0",
+            "--pass_rate_reward", "format_reward")  # fmt: skip
+
+
 def test_dpo_refuses_pair_samples_below_two(tmp_path, no_model):
     with pytest.raises(InputError, match=r"--pair_samples 1: must be at least 2"):
         run("dpo", tmp_path, "--pair_samples", "1")
@@ -583,7 +646,9 @@ def test_a_mistyped_curriculum_column_is_named(tmp_path):
 @pytest.mark.parametrize(("field", "value"), [("levels", 1), ("languages", "de"), ("reward_funcs", "format_reward")])
 def test_a_yaml_scalar_where_a_list_is_expected_is_one_item(field, value, tmp_path, no_model):
     config = tmp_path / "recipe.yaml"
-    config.write_text(f"{field}: {value}\n")
+    # The pass rate is read from one of the rewards (the default, accuracy_reward, is not among these).
+    pass_rate = "pass_rate_reward: format_reward\n" if field == "reward_funcs" else ""
+    config.write_text(f"{field}: {value}\n{pass_rate}")
     module, types = RECIPES["online_rl"]
     parsed = parse_recipe_args(
         types, ["--config", str(config), "--output_dir", str(tmp_path / "out"), "--from_scratch", "true",

@@ -193,6 +193,21 @@ def test_pipeline_prints_the_stage_table_and_plots_every_curve(tmp_path, fake_st
         assert stat.S_IMODE(os.stat(tmp_path / "run" / name).st_mode) & 0o044 == 0o044, name  # others may read
 
 
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ([{"name": "pretrain"}, {"name": "sft", "config": "recipes/configs/sft_tny.yaml"}],
+         r"\[sft\] config 'recipes/configs/sft_tny.yaml': no such file"),
+        ([{"name": "sft"}, {"name": "sft"}], r"\['sft'\] appear more than once"),
+        ([{"name": "sft", "model_name_or_path": "elsewhere"}], r"\[sft\] sets model_name_or_path"),
+    ],
+)  # fmt: skip
+def test_pipeline_stage_mistakes_are_named_before_any_stage_runs(tmp_path, fake_stages, stages, message):
+    with pytest.raises(InputError, match=message):
+        pipeline.main(pipeline.PipelineArguments(output_dir=str(tmp_path), stages=stages))
+    assert fake_stages == []
+
+
 def test_pipeline_stage_without_a_known_name(tmp_path, fake_stages):
     args = pipeline.PipelineArguments(output_dir=str(tmp_path), stages=[{"name": "sfft"}])
     with pytest.raises(InputError, match=r"each needs a `name` among \['pretrain', 'sft', 'online_rl', 'dpo'\]"):
