@@ -168,13 +168,6 @@ class Llama4TextConfig(_BuiltinLlama4TextConfig):
             fail(f"rms_norm_eps={self.rms_norm_eps} must be positive", "The released models use 1e-5.")
         if self.hidden_act not in ACT2FN:
             fail(f"unknown hidden_act {self.hidden_act!r}", "The released models use 'silu'.")
-        missing = _missing_rope_keys(self.rope_parameters or {})
-        if missing:
-            fail(
-                f"rope_parameters of rope_type {rope_type!r} lack {missing}",
-                "Scout's are {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 16.0, 'low_freq_factor': "
-                "1.0, 'high_freq_factor': 1.0, 'original_max_position_embeddings': 8192}.",
-            )
         if self.attention_chunk_size is None and "chunked_attention" in (self.layer_types or []):
             fail(
                 "layer_types has chunked_attention layers but attention_chunk_size is null",
@@ -220,18 +213,6 @@ def _rederive_lists(config_dict: dict[str, Any], overrides: dict[str, Any]) -> d
     return {**kept, **{name: overrides[name] for name in changed | (affected & set(overrides))}}
 
 
-def _missing_rope_keys(rope_parameters: dict[str, Any]) -> list[str]:
-    """The parameters transformers' RoPE initialiser for this rope_type reads (a KeyError when the model is built)."""
-    required = {
-        "linear": ["factor"],
-        "dynamic": ["factor"],
-        "yarn": ["factor"],
-        "longrope": ["short_factor", "long_factor"],
-        "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
-    }
-    return [key for key in required.get(rope_parameters.get("rope_type", "default"), []) if key not in rope_parameters]
-
-
 @contextlib.contextmanager
 def _readable_field_errors(config_name: str) -> Iterator[None]:
     """Turn the strict dataclass' type error (a multi-line dump) into one naming the field and the fix."""
@@ -246,6 +227,14 @@ def _readable_field_errors(config_name: str) -> Iterator[None]:
         ) from error
     except StrictDataclassClassValidationError as error:  # a multi-line dump around the validator's own message
         raise ValueError(f"Invalid {config_name}: {error.__cause__ or error}") from error
+    except KeyError as error:  # transformers' RoPE validator: a key the rope_type needs is missing
+        if "rope_parameters" not in str(error):
+            raise
+        raise ValueError(
+            f"Invalid {config_name}: {error.args[0]}. Scout's are {{'rope_type': 'llama3', 'rope_theta': 500000.0, "
+            "'factor': 16.0, 'low_freq_factor': 1.0, 'high_freq_factor': 1.0, 'original_max_position_embeddings': "
+            "8192}."
+        ) from error
 
 
 class Llama4VisionConfig(_BuiltinLlama4VisionConfig):

@@ -36,7 +36,7 @@ from recipes.common import (
 )
 from recipes.trainers import CoDistillationConfig, CoDistillationTrainer, write_teacher_topk
 from recipes.trainers.teachers import METADATA
-from recipes.validation import InputError, check_arguments, parse_mapping, run_recipe
+from recipes.validation import InputError, parse_mapping, run_recipe
 
 
 @dataclass
@@ -126,9 +126,7 @@ def load_teacher_model(script_args: CoDistillScriptArguments, training_args: CoD
 def main(
     script_args: CoDistillScriptArguments, training_args: CoDistillationConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
-    check_arguments(script_args, training_args, model_args)  # paths and values first (again in prepare_run)
-    check_teacher(script_args, training_args, model_args)
-    model, tokenizer = model_and_tokenizer(model_args, script_args, training_args)
+    model, tokenizer = model_and_tokenizer(model_args, script_args, training_args, extra_check=check_teacher)
     train, heldout = task_datasets(script_args, ("completion",))
     train = train.select_columns(["prompt", "completion"] + (["answer"] if training_args.seq_kd else []))
 

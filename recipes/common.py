@@ -224,10 +224,13 @@ def peft_config_for(model_args, model: PreTrainedModel):
     return lora_config_for_model(config, model)
 
 
-def prepare_run(model_args, task_args: TaskArguments, training_args) -> None:
-    """Every check before a model is built (`recipes.validation`): the arguments, the paths, and that `output_dir`
-    holds no run made with other settings (recorded in its run manifest)."""
+def prepare_run(model_args, task_args: TaskArguments, training_args, extra_check=None) -> None:
+    """Every check before a model is built (`recipes.validation`): the arguments, the paths, a recipe's
+    `extra_check(task_args, training_args, model_args)`, and that `output_dir` holds no run made with other
+    settings (recorded in its run manifest, written only once everything passed)."""
     check_arguments(task_args, training_args, model_args)
+    if extra_check is not None:
+        extra_check(task_args, training_args, model_args)
     if getattr(task_args, "capabilities", None):
         mixture_shares(task_args)
     check_run_manifest(
@@ -236,10 +239,10 @@ def prepare_run(model_args, task_args: TaskArguments, training_args) -> None:
     )  # fmt: skip
 
 
-def model_and_tokenizer(model_args, task_args: TaskArguments, training_args):
-    """The policy and its tokenizer for a recipe, after `prepare_run`'s checks, seeded so a from-scratch model is
-    the same every run."""
-    prepare_run(model_args, task_args, training_args)
+def model_and_tokenizer(model_args, task_args: TaskArguments, training_args, extra_check=None):
+    """The policy and its tokenizer for a recipe, after `prepare_run`'s checks (with `extra_check`), seeded so a
+    from-scratch model is the same every run."""
+    prepare_run(model_args, task_args, training_args, extra_check)
     set_seed(training_args.seed)
     path = model_args.model_name_or_path
     trust_remote_code = getattr(training_args, "trust_remote_code", False)

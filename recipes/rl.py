@@ -347,10 +347,9 @@ class OnlineRLTrainer(GRPOTrainer):
         self._difficulty = None
         if column and column in train_dataset.column_names:
             values = train_dataset[column]
-            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-                odd = next(v for v in values if not isinstance(v, int | float) or isinstance(v, bool))
+            if odd := [v for v in values if isinstance(v, bool) or not isinstance(v, int | float)]:
                 raise InputError(
-                    f"--curriculum_column {column!r} holds {odd!r} ({type(odd).__name__}); the curriculum orders "
+                    f"--curriculum_column {column!r} holds {odd[0]!r} ({type(odd[0]).__name__}); the curriculum orders "
                     "prompts by a number (1 = easiest): map the levels to numbers, or pass --curriculum_column none"
                 )
             self._difficulty = torch.tensor(values, dtype=torch.float64)

@@ -27,7 +27,10 @@ from conftest import tiny_text_kwargs
         ({"no_rope_layer_interval": 0}, "no_rope_layer_interval=0 must be positive"),
         ({"rms_norm_eps": -1.0}, "rms_norm_eps=-1.0 must be positive"),
         ({"hidden_act": "gelu_fast_typo"}, "unknown hidden_act 'gelu_fast_typo'"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, r"rope_type 'llama3' lack \['factor'"),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}},
+            r"Missing required keys in `rope_parameters` for 'rope_type'='llama3'.*'factor'",
+        ),
         (
             {"attention_chunk_size": None, "layer_types": ["chunked_attention"] * 4},
             "chunked_attention layers but attention_chunk_size is null",
